@@ -1,0 +1,104 @@
+"""RetinaNet training loss for a padded batch: matching, targets, focal + box losses."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losses.box_losses import giou_loss, smooth_l1_loss
+from losses.focal_loss import sigmoid_focal_loss
+from model.matcher import BACKGROUND, IGNORE, match_anchors
+from utils.boxes import box_ioa, box_iou, decode_boxes, encode_boxes
+from utils.distributed import all_reduce_mean
+
+BOX_LOSSES = ("smooth_l1", "l1", "giou")
+
+
+def pad_targets(targets: list, key: str, device) -> tuple:
+    """Stack per-image ``[N_i, 4]`` boxes into ``[B, G, 4]`` plus a ``[B, G]`` validity mask."""
+    counts = [t[key].shape[0] if key in t else 0 for t in targets]
+    max_count = max(counts, default=0)
+    padded = torch.zeros((len(targets), max_count, 4), device=device)
+    valid = torch.zeros((len(targets), max_count), dtype=torch.bool, device=device)
+    for i, (target, count) in enumerate(zip(targets, counts)):
+        if count:
+            padded[i, :count] = target[key]
+            valid[i, :count] = True
+    return padded, valid
+
+
+class RetinaNetLoss(torch.nn.Module):
+    """Focal loss on every non-ignored anchor + box loss on foreground anchors.
+
+    Both sums are divided by the number of foreground anchors in the batch
+    (averaged over DDP ranks, so every rank's gradient has the same scale), at
+    least 1 -- the paper's normalisation.
+
+    Args:
+        box_loss: "smooth_l1" (beta ``smooth_l1_beta``, 1/9 in the paper), "l1" or "giou".
+        crowd_ioa_thresh: anchors covered more than this by a crowd region are
+            ignored instead of being trained as background.
+    """
+
+    def __init__(self, num_classes: int, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
+                 allow_low_quality_matches: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
+                 bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), crowd_ioa_thresh: float = 0.5):
+        super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        self.num_classes = num_classes
+        self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
+        self.allow_low_quality_matches = allow_low_quality_matches
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.box_loss = box_loss
+        self.smooth_l1_beta = 0.0 if box_loss == "l1" else smooth_l1_beta
+        self.bbox_reg_weights = tuple(bbox_reg_weights)
+        self.crowd_ioa_thresh = crowd_ioa_thresh
+
+    def match(self, anchors: Tensor, targets: list):
+        """Returns matched index ``[B, A]`` (>= 0 foreground, BACKGROUND, IGNORE),
+        padded gt boxes ``[B, G, 4]`` and gt labels ``[B, G]``."""
+        device = anchors.device
+        gt_boxes, gt_valid = pad_targets(targets, "boxes", device)
+        gt_labels = torch.zeros(gt_valid.shape, dtype=torch.long, device=device)
+        for i, target in enumerate(targets):
+            gt_labels[i, :target["labels"].shape[0]] = target["labels"]
+        iou = box_iou(gt_boxes, anchors[None])  # [B, G, A]
+        matched = match_anchors(iou, gt_valid, self.fg_iou_thresh, self.bg_iou_thresh,
+                                self.allow_low_quality_matches)
+        if any("crowd_boxes" in t and t["crowd_boxes"].shape[0] for t in targets):
+            crowd_boxes, crowd_valid = pad_targets(targets, "crowd_boxes", device)
+            in_crowd = ((box_ioa(anchors[None], crowd_boxes) > self.crowd_ioa_thresh)
+                        & crowd_valid[:, None, :]).any(dim=2)  # [B, A]
+            matched = torch.where((matched == BACKGROUND) & in_crowd, IGNORE, matched)
+        return matched, gt_boxes, gt_labels
+
+    def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, targets: list) -> dict:
+        """Args:
+            cls_logits: ``[B, A, K]``; box_deltas: ``[B, A, 4]``; anchors: ``[A, 4]``;
+            targets: per image "boxes" ``[N_i, 4]`` xyxy in the resized frame, "labels" ``[N_i]``,
+            optional "crowd_boxes" ``[M_i, 4]``.
+        """
+        matched, gt_boxes, gt_labels = self.match(anchors, targets)
+        foreground = matched >= 0  # [B, A]
+        valid = matched != IGNORE
+        gt_index = matched.clamp(min=0)
+        # Kept as a tensor (no .item()): the normaliser never forces a host sync.
+        num_foreground = all_reduce_mean(foreground.sum().float()).clamp(min=1.0)
+
+        labels = gt_labels.gather(1, gt_index)  # [B, A]
+        cls_targets = F.one_hot(labels, self.num_classes).to(cls_logits.dtype) * foreground[..., None]
+        cls_loss = sigmoid_focal_loss(cls_logits, cls_targets, self.focal_alpha, self.focal_gamma)
+        cls_loss = (cls_loss * valid[..., None]).sum() / num_foreground
+
+        matched_boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))  # [B, A, 4]
+        anchors = anchors[None].expand_as(matched_boxes)
+        # Background anchors regress onto themselves so their (masked-out) terms stay finite.
+        matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors)
+        if self.box_loss == "giou":
+            pred_boxes = decode_boxes(box_deltas, anchors, self.bbox_reg_weights)
+            box_loss = giou_loss(pred_boxes, matched_boxes)
+        else:
+            box_targets = encode_boxes(matched_boxes, anchors, self.bbox_reg_weights)
+            box_loss = smooth_l1_loss(box_deltas, box_targets, self.smooth_l1_beta).sum(dim=-1)
+        box_loss = (box_loss * foreground).sum() / num_foreground
+        return {"classification": cls_loss, "bbox_regression": box_loss}

@@ -1,0 +1,103 @@
+"""The RetinaNet detector: images in, losses (training) or detections (eval) out."""
+import torch
+from torch import Tensor, nn
+
+from losses.retinanet_loss import RetinaNetLoss
+from model.anchors import AnchorGenerator
+from model.postprocess import postprocess_detections
+from model.transform import ImageBatcher
+
+
+class RetinaNet(nn.Module):
+    """One-stage detector (Lin et al. 2017) with torchvision's calling convention.
+
+    ``model(images, targets)`` in training mode returns
+    ``{"classification": loss, "bbox_regression": loss}``; ``model(images)`` in
+    eval mode returns ``[{"boxes": [D, 4] xyxy, "scores": [D], "labels": [D]}]`` in
+    each input image's own pixel coordinates.
+
+    Images: a list of ``[3, H_i, W_i]`` tensors, float in [0, 1] or uint8, any sizes,
+    on any device (moved to the model's). Targets: a list of dicts with "boxes"
+    ``FloatTensor[N_i, 4]`` absolute xyxy in that image's pixels, "labels"
+    ``Int64Tensor[N_i]`` in ``[0, num_classes)`` and optionally "crowd_boxes" ``[M_i, 4]``.
+
+    Build it with :func:`model.build_retinanet`, which documents every option.
+    """
+
+    def __init__(self, backbone: nn.Module, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator,
+                 transform: ImageBatcher, loss: RetinaNetLoss, num_classes: int, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.5, detections_per_img: int = 100, topk_candidates: int = 1000,
+                 channels_last: bool = False):
+        super().__init__()
+        self.backbone, self.fpn, self.head = backbone, fpn, head
+        self.anchor_generator, self.transform, self.loss = anchor_generator, transform, loss
+        self.num_classes = num_classes
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
+        self.channels_last = channels_last
+        self.config = {}  # filled by build_retinanet: the kwargs that rebuild this model
+
+    def forward(self, images: list, targets: list = None):
+        device = self.transform.image_mean.device
+        _check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode: model(images, targets)")
+            _check_targets(targets, len(images), self.num_classes)
+            targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
+                        for k, v in t.items()} for t in targets]
+        images = [image.to(device, non_blocking=True) for image in images]
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, image_sizes, targets = self.transform(images, targets)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+
+        features = self.fpn(self.backbone(batch))
+        cls_logits, box_deltas = self.head(features)
+        feature_sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors = self.anchor_generator(tuple(batch.shape[-2:]), feature_sizes, torch.float32, batch.device)
+
+        if self.training:
+            return self.loss(cls_logits, box_deltas, anchors, targets)
+        detections = postprocess_detections(
+            cls_logits, box_deltas, anchors, self.anchor_generator.num_anchors_per_level(feature_sizes),
+            image_sizes, self.score_thresh, self.topk_candidates, self.nms_thresh, self.detections_per_img,
+            self.loss.bbox_reg_weights)
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+
+def _check_images(images) -> None:
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("images must be a non-empty list of [3, H, W] tensors")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"image {i} must be a [3, H, W] tensor, got {shape}")
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"image {i} is empty: shape {tuple(image.shape)}")
+
+
+def _check_targets(targets, num_images: int, num_classes: int) -> None:
+    """Validate targets where the user made them, before any compute."""
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for i, target in enumerate(targets):
+        if "boxes" not in target or "labels" not in target:
+            raise ValueError(f"target {i} needs 'boxes' and 'labels', has {sorted(target)}")
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: boxes must be [N, 4], got {tuple(boxes.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+            raise ValueError(f"target {i}: labels must be [N] with N = {boxes.shape[0]}, got {tuple(labels.shape)}")
+        if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"target {i}: labels must be integers, got {labels.dtype}")
+        if boxes.numel():
+            if not torch.isfinite(boxes).all():
+                raise ValueError(f"target {i}: boxes contain NaN or inf")
+            degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            if degenerate.any():
+                j = int(degenerate.nonzero()[0])
+                raise ValueError(f"target {i}: degenerate box {j} {boxes[j].tolist()} (needs x2 > x1 and y2 > y1)")
+            if labels.min() < 0 or labels.max() >= num_classes:
+                raise ValueError(f"target {i}: labels must lie in [0, {num_classes}), "
+                                 f"got min {int(labels.min())} max {int(labels.max())}")
