@@ -15,7 +15,8 @@ BOX_LOSSES = ("smooth_l1", "l1", "giou")
 def pad_targets(targets: list, key: str, device) -> tuple:
     """Stack per-image ``[N_i, 4]`` boxes into ``[B, G, 4]`` plus a ``[B, G]`` validity mask."""
     counts = [t[key].shape[0] if key in t else 0 for t in targets]
-    max_count = max(counts, default=0)
+    # At least one (invalid) row, so a batch without any box still gathers cleanly.
+    max_count = max(max(counts, default=0), 1)
     padded = torch.zeros((len(targets), max_count, 4), device=device)
     valid = torch.zeros((len(targets), max_count), dtype=torch.bool, device=device)
     for i, (target, count) in enumerate(zip(targets, counts)):

@@ -1,0 +1,19 @@
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+# Tests import the repository's top-level modules (train, coco_dataset, ...) directly.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Two cores: more threads only fight each other.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

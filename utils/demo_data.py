@@ -1,0 +1,324 @@
+"""Built-in demo dataset: coloured shapes on cluttered backgrounds, in COCO format.
+
+`python train.py` with no dataset trains on this, so it has to be learnable by a
+small RetinaNet in minutes on a CPU without being trivial: the category is
+decided by shape alone (colours are random per object), objects range from
+about 12 px to most of the image, and the background carries gradients, noise
+and thin clutter that is not an object.
+
+Layout (exactly like COCO)::
+
+    ROOT/annotations/instances_{split}.json
+    ROOT/{split}/000000.jpg ...
+    ROOT/.complete          written last; holds the generation parameters
+
+Every image draws from its own ``numpy.random.Generator`` seeded by
+``(seed, split, index)``, so the output is the same whatever order (or process)
+the images are made in, and the same seed gives byte-identical JSON and pixels.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import time
+import zlib
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Bump when the drawing changes, so ensure_demo_dataset regenerates old copies.
+GENERATOR_VERSION = 1
+
+# Non-contiguous ids on purpose: the training code must map ids to labels
+# instead of assuming 1..K, as it must for real COCO.
+DEMO_CATEGORIES = [
+    {"id": 1, "name": "circle", "supercategory": "shape"},
+    {"id": 3, "name": "rectangle", "supercategory": "shape"},
+    {"id": 7, "name": "triangle", "supercategory": "shape"},
+    {"id": 12, "name": "cross", "supercategory": "shape"},
+]
+MARKER_NAME = ".complete"
+MIN_OBJECT_SIZE = 12  # px, larger side of the tight box
+MAX_OBJECTS = 6
+MIN_COLOUR_DISTANCE = 80.0  # RGB euclidean distance to the local background mean
+MIN_VISIBLE_FRACTION = 0.5  # an earlier object keeps at least this much of its pixels
+
+
+def _unit_outline(name: str, rng: np.random.Generator) -> np.ndarray:
+    """Vertices [V, 2] of a randomly varied shape around the origin, before scaling."""
+    if name == "circle":
+        t = np.linspace(0.0, 2 * math.pi, 48, endpoint=False)
+        points = np.stack([np.cos(t), np.sin(t) * rng.uniform(0.85, 1.15)], axis=1)
+        angle = 0.0
+    elif name == "rectangle":
+        aspect = rng.uniform(0.6, 1.6)
+        points = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float) * [aspect, 1.0]
+        angle = rng.uniform(-20, 20)  # mild tilt; stronger tilts start to look like diamonds
+    elif name == "triangle":
+        t = np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]) + rng.uniform(-0.25, 0.25, 3)
+        points = np.stack([np.cos(t), np.sin(t)], axis=1)
+        angle = rng.uniform(0, 360)
+    elif name == "cross":
+        a, b = rng.uniform(0.25, 0.4), 1.0  # half-thickness and half-length of each bar
+        points = np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a],
+                           [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]])
+        angle = rng.uniform(0, 90)  # 90-fold symmetric, so this covers '+' through 'x'
+    else:
+        raise ValueError(f"unknown shape {name!r}; expected one of "
+                         f"{[c['name'] for c in DEMO_CATEGORIES]}")
+    theta = math.radians(angle)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    return points @ rotation.T
+
+
+def shape_mask(name: str, extent: int, rng: np.random.Generator) -> np.ndarray:
+    """Rasterise one shape and return its mask `bool[h, w]`, cropped tight.
+
+    `extent` is the target larger side in pixels. The mask is cropped to the
+    pixels actually drawn, so its shape *is* the object's tight box: no
+    rounding of analytic vertices can leave a box a pixel too big or small.
+    """
+    points = _unit_outline(name, rng)
+    points = points - points.min(axis=0)
+    points = points * ((extent - 1) / points.max()) + 1.0  # 1 px margin against clipping
+    canvas = Image.new("L", (extent + 3, extent + 3), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in points], fill=255)
+    mask = np.asarray(canvas) > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """Smooth colour gradient + low-frequency blotches + thin clutter that is not an object."""
+    theta = rng.uniform(0, 2 * math.pi)
+    ramp = (np.arange(width, dtype=np.float32)[None, :] * math.cos(theta)
+            + np.arange(height, dtype=np.float32)[:, None] * math.sin(theta))
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+    start, end = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    gradient = start + ramp[..., None] * (end - start)
+    # Upsampling a tiny random grid gives smooth texture at vectorised cost.
+    blotches = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8))
+    blotches = np.asarray(blotches.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    pixels = np.clip(0.65 * gradient + 0.35 * blotches, 0, 255).astype(np.uint8)
+
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    size = np.array([width, height], dtype=float)
+    # Lines, arcs and dots share colours and edges with the objects, so the
+    # detector has to learn shape rather than "anything with an edge".
+    for _ in range(rng.integers(2, 7)):
+        x0, y0, x1, y1 = rng.uniform(-0.2, 1.2, 4) * np.tile(size, 2)
+        draw.line([(x0, y0), (x1, y1)], fill=_random_colour(rng), width=int(rng.integers(1, 3)))
+    for _ in range(rng.integers(0, 4)):
+        cx, cy = rng.uniform(0, 1, 2) * size
+        radius = rng.uniform(0.1, 0.4) * size.min()
+        start_angle = rng.uniform(0, 360)
+        draw.arc([cx - radius, cy - radius, cx + radius, cy + radius], start_angle,
+                 start_angle + rng.uniform(40, 200), fill=_random_colour(rng), width=int(rng.integers(1, 3)))
+    for _ in range(rng.integers(2, 10)):
+        cx, cy = rng.uniform(0, 1, 2) * size
+        rx, ry = rng.uniform(1, 3.5, 2)  # at most ~7 px: clearly below MIN_OBJECT_SIZE
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=_random_colour(rng))
+    return image
+
+
+def _random_colour(rng: np.random.Generator) -> tuple:
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+def _contrasting_colour(rng: np.random.Generator, local_mean: np.ndarray) -> np.ndarray:
+    """A random colour at least MIN_COLOUR_DISTANCE from `local_mean`, else the farthest tried."""
+    candidates = rng.uniform(0, 255, (16, 3))
+    distance = np.linalg.norm(candidates - local_mean, axis=1)
+    good = np.flatnonzero(distance >= MIN_COLOUR_DISTANCE)
+    return candidates[good[0]] if len(good) else candidates[distance.argmax()]
+
+
+def render_image(rng: np.random.Generator, height: int, width: int,
+                 empty_fraction: float = 0.05):
+    """Draw one image and its objects.
+
+    Returns `(pixels uint8[H, W, 3], label_map int32[H, W], objects)` where
+    `label_map` is 0 for background and k + 1 where object k is visible, and
+    `objects` is a list of dicts with `category_id`, `bbox` (COCO x, y, w, h of
+    the visible pixels) and `area` (visible pixel count).
+    """
+    num_objects = 0 if rng.random() < empty_fraction else int(rng.integers(1, MAX_OBJECTS + 1))
+    max_extent = max(MIN_OBJECT_SIZE, int(0.85 * min(height, width)))
+    # Log-uniform sizes favour small and medium objects, as in natural images.
+    extents = np.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(max_extent + 1), num_objects))
+    categories = rng.integers(0, len(DEMO_CATEGORIES), num_objects)
+
+    canvas = np.asarray(_background(rng, height, width), dtype=np.float32).copy()
+    label_map = np.zeros((height, width), dtype=np.int32)
+    placed, pixel_counts, visible_counts = [], [], []
+    # Largest first: later, smaller objects may overlap but never bury a big one.
+    for order in np.argsort(-extents, kind="stable"):
+        mask = shape_mask(DEMO_CATEGORIES[categories[order]]["name"], int(extents[order]), rng)
+        mask_h, mask_w = mask.shape
+        for _attempt in range(20):
+            y = int(rng.integers(0, height - mask_h + 1))
+            x = int(rng.integers(0, width - mask_w + 1))
+            covered = label_map[y:y + mask_h, x:x + mask_w][mask]
+            lost = np.bincount(covered, minlength=len(placed) + 1)[1:]
+            if all(visible_counts[k] - lost[k] >= MIN_VISIBLE_FRACTION * pixel_counts[k]
+                   for k in range(len(placed))):
+                break
+        else:
+            continue  # no acceptable spot: drop the object rather than hide another
+        region = canvas[y:y + mask_h, x:x + mask_w]
+        colour = _contrasting_colour(rng, region.reshape(-1, 3).mean(axis=0))
+        # A gentle brightness ramp so objects are not flat colour stamps.
+        ramp = np.linspace(-1.0, 1.0, mask_w)[None, :] * rng.uniform(-0.2, 0.2)
+        shaded = colour[None, None, :] * (1.0 + ramp[..., None])
+        region[mask] = np.broadcast_to(shaded, (mask_h, mask_w, 3))[mask]
+        label_map[y:y + mask_h, x:x + mask_w][mask] = len(placed) + 1
+        for k in range(len(placed)):
+            visible_counts[k] -= int(lost[k])
+        placed.append(int(categories[order]))
+        pixel_counts.append(int(mask.sum()))
+        visible_counts.append(pixel_counts[-1])
+
+    canvas += 6.0 * rng.standard_normal(canvas.shape, dtype=np.float32)  # sensor-like noise
+    pixels = np.clip(canvas, 0, 255).round().astype(np.uint8)
+    objects = []
+    for k, category_index in enumerate(placed):
+        rows, cols = np.nonzero(label_map == k + 1)  # boxes come from what is visible, as in COCO
+        x0, y0, x1, y1 = (float(v) for v in (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
+        objects.append({"category_id": DEMO_CATEGORIES[category_index]["id"],
+                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(len(rows))})
+    return pixels, label_map, objects
+
+
+def _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction) -> dict:
+    """Everything that changes the output; stored in the marker and compared by ensure_demo_dataset."""
+    splits = tuple(splits)
+    if len(splits) != 2 or splits[0] == splits[1]:
+        raise ValueError(f"splits must be two distinct names (train, val), got {splits!r}")
+    height, width = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
+    if min(height, width) < 2 * MIN_OBJECT_SIZE:
+        raise ValueError(f"image_size {image_size!r} too small: each side must be >= {2 * MIN_OBJECT_SIZE} px")
+    if min(num_train, num_val) < 0:
+        raise ValueError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
+    if not 0.0 <= empty_fraction <= 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
+    return {"version": GENERATOR_VERSION, "num_images": {splits[0]: int(num_train), splits[1]: int(num_val)},
+            "image_size": [int(height), int(width)], "seed": int(seed), "splits": list(splits),
+            "empty_fraction": float(empty_fraction)}
+
+
+def _write_json_atomic(path: str, payload) -> None:
+    # Temp file + rename: a crash never leaves a truncated file under the real name.
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "w") as f:
+        json.dump(payload, f, separators=(",", ":"))
+    os.replace(tmp_path, path)
+
+
+def _generate_split(root: str, split: str, num_images: int, height: int, width: int,
+                    seed: int, empty_fraction: float, show_progress: bool) -> dict:
+    """Write `ROOT/{split}/*.jpg` and return the split's COCO annotation dict."""
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    # crc32, not hash(): Python salts str hashes per process, which would break determinism.
+    split_key = zlib.crc32(split.encode("utf-8"))
+    images, annotations = [], []
+    for index in tqdm(range(num_images), desc=f"demo data [{split}]", disable=not show_progress):
+        rng = np.random.default_rng([seed, split_key, index])
+        pixels, _, objects = render_image(rng, height, width, empty_fraction)
+        file_name = f"{index:06d}.jpg"
+        Image.fromarray(pixels).save(os.path.join(root, split, file_name), quality=90)
+        image_id = index + 1
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
+    return {"info": {"description": "synthetic shapes demo dataset", "version": str(GENERATOR_VERSION)},
+            "licenses": [], "images": images, "annotations": annotations,
+            "categories": [dict(c) for c in DEMO_CATEGORIES]}
+
+
+def generate_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, image_size=160,
+                          seed: int = 0, splits=("train", "val"), show_progress: bool = True,
+                          empty_fraction: float = 0.05) -> dict:
+    """Write the demo dataset under `root` (always regenerates) and return a summary.
+
+    `splits` names the two splits, which get `num_train` and `num_val` images.
+    `image_size` is an int or `(height, width)`. The marker file is removed
+    first and written last, so an interrupted run is never mistaken for a
+    complete dataset. Returns a dict with `root`, `annotation_files`,
+    `image_dirs`, `num_images`, `num_annotations`, `params` and `seconds`.
+    """
+    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction)
+    height, width = params["image_size"]
+    marker = os.path.join(root, MARKER_NAME)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    if os.path.exists(marker):
+        os.remove(marker)
+    start = time.perf_counter()
+    annotation_files = {s: os.path.join(root, "annotations", f"instances_{s}.json") for s in params["splits"]}
+    num_annotations = {}
+    for split in params["splits"]:
+        coco = _generate_split(root, split, params["num_images"][split], height, width,
+                               params["seed"], params["empty_fraction"], show_progress)
+        _write_json_atomic(annotation_files[split], coco)
+        num_annotations[split] = len(coco["annotations"])
+    _write_json_atomic(marker, params)
+    summary = {"root": root, "annotation_files": annotation_files,
+               "image_dirs": {s: os.path.join(root, s) for s in params["splits"]},
+               "num_images": params["num_images"], "num_annotations": num_annotations,
+               "params": params, "seconds": time.perf_counter() - start}
+    logger.info("demo dataset written to %s: %s images, %s boxes in %.1f s", root,
+                summary["num_images"], summary["num_annotations"], summary["seconds"])
+    return summary
+
+
+def ensure_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, image_size=160,
+                        seed: int = 0, splits=("train", "val"), show_progress: bool = True,
+                        empty_fraction: float = 0.05) -> str:
+    """Return `root`, generating the dataset first unless a complete copy with the same parameters exists."""
+    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction)
+    try:
+        with open(os.path.join(root, MARKER_NAME)) as f:
+            if json.load(f) == params:
+                return root
+    except (OSError, ValueError):
+        pass  # missing or unreadable marker: the dataset is incomplete
+    generate_demo_dataset(root, num_train, num_val, image_size, seed, splits,
+                          show_progress=show_progress, empty_fraction=empty_fraction)
+    return root
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Generate the synthetic shapes demo dataset (COCO format).")
+    parser.add_argument("--root", default="data/demo", help="output directory (default: %(default)s)")
+    parser.add_argument("--num-train", type=int, default=3000, help="images in the train split (default: %(default)s)")
+    parser.add_argument("--num-val", type=int, default=300, help="images in the val split (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, nargs="+", default=[160], metavar="PX",
+                        help="image side, or HEIGHT WIDTH (default: 160)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: %(default)s)")
+    parser.add_argument("--splits", nargs=2, default=["train", "val"], metavar=("TRAIN", "VAL"),
+                        help="names of the two splits (default: train val)")
+    parser.add_argument("--empty-fraction", type=float, default=0.05,
+                        help="fraction of images with no objects (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="regenerate even if a complete dataset with these parameters exists")
+    parser.add_argument("--quiet", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if len(args.image_size) not in (1, 2):
+        raise SystemExit("--image-size takes one value (square) or two (HEIGHT WIDTH)")
+    image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    build = generate_demo_dataset if args.force else ensure_demo_dataset
+    build(args.root, num_train=args.num_train, num_val=args.num_val, image_size=image_size, seed=args.seed,
+          splits=tuple(args.splits), show_progress=not args.quiet, empty_fraction=args.empty_fraction)
+    print(f"demo dataset ready at {args.root}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(get_args_parser().parse_args())
