@@ -1,0 +1,94 @@
+"""One training epoch: forward, backward, step, logging. Used by train.py."""
+import logging
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from utils.distributed import all_reduce_mean, is_main_process
+
+logger = logging.getLogger("retinanet")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoch: int, iteration: int, args,
+                    writer, save_checkpoint) -> tuple:
+    """Train one epoch (or what remains of it after a mid-epoch resume).
+
+    Losses are accumulated as device tensors and read back only every
+    ``args.print_freq`` iterations, so logging does not stall the GPU each step.
+
+    Returns ``(iteration, finished)``: finished is False when ``--max-iters`` stopped the run early.
+    """
+    model.train()
+    batch_sampler = loader.batch_sampler
+    first_batch = batch_sampler.start_batch
+    total_batches = len(batch_sampler.batch_sampler)
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
+    progress = tqdm(loader, total=len(batch_sampler), desc=f"epoch {epoch + 1}/{args.epochs}",
+                    disable=not is_main_process(), dynamic_ncols=True)
+    running = {"classification": torch.zeros((), device=device), "bbox_regression": torch.zeros((), device=device)}
+    window_images, window_start, window_iters = 0, time.time(), 0
+    for batch_in_epoch, (images, targets, bad) in enumerate(progress, start=first_batch):
+        if bad:
+            _count_bad_images(args, bad)
+        if not images:
+            continue
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss_dict = model(images, targets)
+        loss = loss_dict["classification"] + loss_dict["bbox_regression"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+        # The fp16 scaler skips steps with inf/NaN gradients itself; otherwise a
+        # non-finite loss must stop the run before it poisons the weights.
+        if not scaler.is_enabled() and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {iteration} (epoch {epoch + 1}, batch {batch_in_epoch}): "
+                f"{ {k: v.item() for k, v in loss_dict.items()} }; the last good checkpoint is in {args.output_dir}")
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        iteration += 1
+        for key in running:
+            running[key] += loss_dict[key].detach()
+        window_images += len(images)
+        window_iters += 1
+
+        if iteration % args.print_freq == 0 or batch_in_epoch + 1 == total_batches:
+            elapsed = time.time() - window_start
+            means = {k: all_reduce_mean(v / window_iters).item() for k, v in running.items()}
+            record = {"type": "train", "epoch": epoch + 1, "iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
+                      "loss": sum(means.values()), **means,
+                      "images_per_s": window_images * args.world_size / max(elapsed, 1e-9),
+                      "bad_images": args.bad_image_count}
+            if not math.isfinite(record["loss"]):
+                raise NonFiniteLossError(f"non-finite loss by iteration {iteration} (fp16 scaler could not recover); "
+                                         f"the last good checkpoint is in {args.output_dir}")
+            writer.write(record, step=iteration)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}", bad=args.bad_image_count)
+            running = {k: torch.zeros_like(v) for k, v in running.items()}
+            window_images, window_start, window_iters = 0, time.time(), 0
+        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and batch_in_epoch + 1 < total_batches:
+            save_checkpoint(epoch, batch_in_epoch + 1, iteration)
+        if args.max_iters and iteration >= args.max_iters:
+            save_checkpoint(epoch, batch_in_epoch + 1, iteration)
+            return iteration, False
+    return iteration, True
+
+
+def _count_bad_images(args, messages: list) -> None:
+    args.bad_image_count += len(messages)
+    for message in messages:
+        logger.warning("skipped unreadable image (%d so far): %s", args.bad_image_count, message)
+    limit = args.max_bad_images if args.max_bad_images >= 1 else args.max_bad_images * args.num_train_images
+    if args.bad_image_count > max(limit, 0):
+        raise RuntimeError(f"{args.bad_image_count} unreadable images skipped, more than --max-bad-images "
+                           f"{args.max_bad_images}; last: {messages[-1]}")
