@@ -231,7 +231,8 @@ def _evaluate(model, loader, dataset, device, args, writer, epoch, iteration):
         record = {"type": "eval", "epoch": epoch, "iteration": iteration,
                   **{k: v for k, v in metrics.items() if k != "per_category"}}
         writer.write(record, step=iteration)
-        logger.info("epoch %d  AP %.4f  AP50 %.4f  AP75 %.4f", epoch, metrics["AP"], metrics["AP50"], metrics["AP75"])
+        logger.info("epoch %d  AP %s  AP50 %s  AP75 %s", epoch,
+                    *(f"{metrics[k]:.4f}" if metrics[k] is not None else "n/a" for k in ("AP", "AP50", "AP75")))
     model.train()
     return metrics
 

@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from utils.atomic_io import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 # Bump when the drawing changes, so ensure_demo_dataset regenerates old copies.
@@ -211,14 +213,6 @@ def _generation_params(num_train, num_val, image_size, seed, splits, empty_fract
             "empty_fraction": float(empty_fraction)}
 
 
-def _write_json_atomic(path: str, payload) -> None:
-    # Temp file + rename: a crash never leaves a truncated file under the real name.
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w") as f:
-        json.dump(payload, f, separators=(",", ":"))
-    os.replace(tmp_path, path)
-
-
 def _generate_split(root: str, split: str, num_images: int, height: int, width: int,
                     seed: int, empty_fraction: float, show_progress: bool) -> dict:
     """Write `ROOT/{split}/*.jpg` and return the split's COCO annotation dict."""
@@ -263,9 +257,9 @@ def generate_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, 
     for split in params["splits"]:
         coco = _generate_split(root, split, params["num_images"][split], height, width,
                                params["seed"], params["empty_fraction"], show_progress)
-        _write_json_atomic(annotation_files[split], coco)
+        write_json_atomic(annotation_files[split], coco, compact=True)
         num_annotations[split] = len(coco["annotations"])
-    _write_json_atomic(marker, params)
+    write_json_atomic(marker, params, compact=True)
     summary = {"root": root, "annotation_files": annotation_files,
                "image_dirs": {s: os.path.join(root, s) for s in params["splits"]},
                "num_images": params["num_images"], "num_annotations": num_annotations,

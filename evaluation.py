@@ -1,0 +1,221 @@
+"""COCO bbox evaluation of a RetinaNet checkpoint (pycocotools, the numbers papers report).
+
+    python evaluation.py --checkpoint output/checkpoint.pth
+    torchrun --nproc_per_node 8 evaluation.py --checkpoint output/checkpoint.pth --data-path /data/coco
+    python evaluation.py --results output/eval_val2017/results.json --data-path /data/coco --split val2017
+
+The model is rebuilt from the checkpoint alone. Under torchrun every rank runs its
+shard of the split and rank 0 scores the union. Rank 0 writes into --output-dir:
+``results.json`` (the COCO results list), ``metrics.json`` (the 12 COCO figures as
+fractions, ``null`` where the split has no ground truth for a figure, plus
+``per_category``: {name: AP}) and, with --plot, precision-recall PNGs.
+
+``evaluate(...)`` is the loop train.py calls after an epoch.
+"""
+import argparse
+import contextlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from tqdm import tqdm
+
+import coco_dataset
+from utils import distributed
+from utils.checkpoint import load_model_from_checkpoint
+from utils.coco_eval import (format_metrics_table, per_category_metrics, predictions_to_coco_results,
+                             score_coco_results, write_json_atomic)
+from utils.pr_plot import plot_pr_curves
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("RetinaNet COCO evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint to evaluate; the model is rebuilt from it alone")
+    source.add_argument("--results", help="score this existing COCO results JSON instead of running a model")
+    parser.add_argument("--data-path", help="COCO root with annotations/ and <split>/; None = the checkpoint's data_path")
+    parser.add_argument("--split", help="split to evaluate; None = the checkpoint's val_split, else val2017")
+    parser.add_argument("--ann-file", help="ground-truth JSON for --results; None = <data-path>/annotations/instances_<split>.json")
+    parser.add_argument("--output-dir", help="where results.json / metrics.json / PNGs go; None = eval_<split> "
+                        "next to the checkpoint (with --results: the results file's folder)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per process)")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (per process)")
+    parser.add_argument("--amp", nargs="?", const="auto", choices=["auto", "fp16", "bf16"],
+                        help="autocast the forward pass; bare --amp = bf16 on CPU, fp16 on CUDA")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda'")
+    parser.add_argument("--plot", action="store_true", help="also save precision-recall curves (needs matplotlib)")
+    return parser
+
+
+def _autocast_dtype(device: torch.device, amp):
+    """``amp`` (False/None, True/"auto", "fp16", "bf16") -> autocast dtype, or None for full precision."""
+    if not amp:
+        return None
+    if amp in (True, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("fp16 autocast is a CUDA feature here; use --amp bf16 (or bare --amp) on CPU")
+    return dtype
+
+
+def _num_images(data_loader: DataLoader):
+    """Images this process will see, for the progress bar; None if the sampler has no length."""
+    sampler = getattr(getattr(data_loader, "batch_sampler", None), "sampler", getattr(data_loader, "sampler", None))
+    try:
+        return len(sampler)
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_dir=None, amp=False,
+             show_progress: bool = True, plot: bool = False) -> dict:
+    """Run ``model`` over ``data_loader`` and score the detections with COCOeval (bbox).
+
+    Args:
+        model: eval mode maps a list of images (uint8 or float ``[3, H, W]``) to
+            ``[{"boxes": FloatTensor[N, 4] x1y1x2y2, "scores": FloatTensor[N], "labels": Int64Tensor[N]}]``,
+            boxes in the pixel coordinates of ``coco_gt``'s images. Its train/eval mode is restored on return.
+        data_loader: yields ``(list of images, list of targets)`` with ``target["image_id"]``;
+            under DDP give it a ``DistributedSampler(shuffle=False)``: repeats are counted once.
+        coco_gt: ground truth. Only the images the loader yields are scored, so a subset loader
+            does not count the rest of the split as misses.
+        label_to_cat_id: label k -> dataset category id (sequence or mapping).
+        output_dir: if set, rank 0 writes ``results.json``, ``metrics.json`` (and PNGs with ``plot``).
+        amp: False, True/"auto" (bf16 on CPU, fp16 on CUDA), "fp16" or "bf16".
+
+    Returns:
+        the 12 COCO figures (fraction or None, see ``utils.coco_eval``) plus ``"per_category"``.
+        Every rank returns the same dict: rank 0 scores and broadcasts it, so all ranks can
+        take the same decision (best checkpoint, early stop) without another collective.
+    """
+    device = torch.device(device)
+    autocast_dtype = _autocast_dtype(device, amp)
+    was_training = model.training
+    model.eval()
+    results_by_image = {}  # image_id -> COCO results; an image without detections still counts as evaluated
+    progress = tqdm(total=_num_images(data_loader), unit="img", desc="eval",
+                    disable=not (show_progress and distributed.is_main_process()))
+    start = time.perf_counter()
+    for images, targets in data_loader:
+        images = [image.to(device, non_blocking=True) for image in images]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(images)
+        if len(outputs) != len(images):
+            raise ValueError(f"model returned {len(outputs)} predictions for {len(images)} images")
+        for output, target in zip(outputs, targets):
+            # To CPU and to plain Python at once: GPU tensors kept for a whole split would fill the GPU.
+            output = {key: output[key].detach().cpu() for key in ("boxes", "scores", "labels")}
+            image_id = int(target["image_id"])
+            results_by_image[image_id] = predictions_to_coco_results([output], [image_id], label_to_cat_id)
+        progress.update(len(images))
+    progress.close()
+    model.train(was_training)
+
+    # DistributedSampler pads the last ranks with repeats of the first images; keying by
+    # image id counts each image once.
+    merged = {}
+    for part in distributed.all_gather_object(results_by_image):
+        for image_id, results in part.items():
+            merged.setdefault(image_id, results)
+    metrics = None
+    if distributed.is_main_process():
+        elapsed = time.perf_counter() - start
+        logger.info("evaluated %d images in %.1f s (%.1f img/s)", len(merged), elapsed, len(merged) / max(elapsed, 1e-9))
+        results = [result for image_id in sorted(merged) for result in merged[image_id]]
+        if output_dir is not None:
+            write_json_atomic(Path(output_dir) / "results.json", results)
+        metrics = report(coco_gt, results, output_dir, plot=plot, image_ids=list(merged))
+    return distributed.broadcast_object(metrics)
+
+
+def report(coco_gt: COCO, results: list, output_dir=None, plot: bool = False, image_ids=None) -> dict:
+    """Score ``results``, log the tables, write ``metrics.json`` (and PNGs) into ``output_dir`` if set."""
+    category_names = {cat["id"]: cat["name"] for cat in coco_gt.loadCats(coco_gt.getCatIds())}
+    metrics, coco_eval = score_coco_results(coco_gt, results, category_names, image_ids=image_ids)
+    if not results:
+        logger.warning("no detections at all: every figure with ground truth is 0")
+    logger.info("COCO bbox evaluation (%d detections)\n%s", len(results),
+                format_metrics_table(metrics, per_category_metrics(coco_eval, category_names)))
+    if output_dir is not None:
+        write_json_atomic(Path(output_dir) / "metrics.json", metrics)
+        logger.info("wrote %s", Path(output_dir) / "metrics.json")
+        if plot:
+            for path in plot_pr_curves(coco_eval, output_dir, category_names):
+                logger.info("wrote %s", path)
+    return metrics
+
+
+def _load_ground_truth(ann_file: Path) -> COCO:
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"ground truth {ann_file} not found; pass --data-path/--split or --ann-file")
+    logger.info("loading ground truth %s", ann_file)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..." prints
+        return COCO(str(ann_file))
+
+
+def score_results_file(args) -> dict:
+    """--results: score an existing COCO results JSON; no model, no checkpoint."""
+    split = args.split or "val2017"
+    if args.ann_file is None and args.data_path is None:
+        raise ValueError("--results needs the ground truth: pass --data-path (with --split) or --ann-file")
+    ann_file = Path(args.ann_file or Path(args.data_path) / "annotations" / f"instances_{split}.json")
+    with open(args.results) as f:
+        results = json.load(f)
+    if not isinstance(results, list):
+        raise ValueError(f"{args.results} holds a JSON {type(results).__name__}; expected a COCO results list")
+    output_dir = args.output_dir or Path(args.results).parent
+    return report(_load_ground_truth(ann_file), results, output_dir, plot=args.plot)
+
+
+def evaluate_checkpoint(args) -> dict:
+    """--checkpoint: rebuild the model, build the split's loader (sharded under DDP), evaluate."""
+    model, checkpoint = load_model_from_checkpoint(args.checkpoint, map_location="cpu")
+    saved_args = checkpoint.get("args") or {}
+    data_path = args.data_path or saved_args.get("data_path")
+    split = args.split or saved_args.get("val_split") or "val2017"
+    if data_path is None:
+        raise ValueError("the checkpoint stores no data_path; pass --data-path")
+    # The saved args carry whatever else build_dataset reads; only the location is overridden.
+    dataset = coco_dataset.build_dataset(split, argparse.Namespace(**{**saved_args, "data_path": data_path}), train=False)
+    label_to_cat_id = [category["id"] for category in checkpoint["categories"]]
+    unknown = sorted(set(label_to_cat_id) - set(dataset.coco.getCatIds()))
+    if unknown:
+        raise ValueError(f"checkpoint category ids {unknown} are not in {split}'s annotations; "
+                         "was the model trained on another dataset?")
+
+    sampler = DistributedSampler(dataset, shuffle=False) if args.distributed else SequentialSampler(dataset)
+    device = torch.device(args.device)
+    data_loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                             collate_fn=coco_dataset.collate_fn, pin_memory=device.type == "cuda")
+    output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval_{split}"
+    logger.info("evaluating %s on %s (%d images, %d process(es), device %s)",
+                args.checkpoint, split, len(dataset), distributed.get_world_size(), device)
+    return evaluate(model.to(device), data_loader, dataset.coco, label_to_cat_id, device,
+                    output_dir=output_dir, amp=args.amp, plot=args.plot)
+
+
+def main(args) -> dict:
+    """Returns the metrics (on every rank with --checkpoint; None off rank 0 with --results)."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    distributed.init_distributed_mode(args)  # on CUDA, pins args.device to this rank's GPU
+    logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING, format="%(message)s")
+    try:
+        if args.results:  # scoring a file is one process's job
+            return score_results_file(args) if distributed.is_main_process() else None
+        return evaluate_checkpoint(args)
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
