@@ -16,13 +16,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoch: int, iteration: int, args,
-                    writer, save_checkpoint) -> tuple:
+                    writer, save_checkpoint, stop_request=None) -> tuple:
     """Train one epoch (or what remains of it after a mid-epoch resume).
 
     Losses are accumulated as device tensors and read back only every
     ``args.print_freq`` iterations, so logging does not stall the GPU each step.
 
-    Returns ``(iteration, finished)``: finished is False when ``--max-iters`` stopped the run early.
+    Returns ``(iteration, finished)``: finished is False when ``--max-iters`` or a
+    SIGTERM / SIGINT (``stop_request``) stopped the run early, after a checkpoint.
     """
     model.train()
     batch_sampler = loader.batch_sampler
@@ -78,7 +79,11 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoc
             window_images, window_start, window_iters = 0, time.time(), 0
         if args.checkpoint_every and iteration % args.checkpoint_every == 0 and batch_in_epoch + 1 < total_batches:
             save_checkpoint(epoch, batch_in_epoch + 1, iteration)
-        if args.max_iters and iteration >= args.max_iters:
+        stop = bool(args.max_iters and iteration >= args.max_iters)
+        if stop_request is not None and stop_request.should_stop(iteration):
+            logger.warning("stopping at iteration %d on %s", iteration, stop_request.signal_name or "another rank's signal")
+            stop = True
+        if stop:
             save_checkpoint(epoch, batch_in_epoch + 1, iteration)
             return iteration, False
     return iteration, True

@@ -22,6 +22,7 @@ from utils.checkpoint import (checkpoint_path, find_resumable_checkpoint, load_c
                               save_checkpoint)
 from utils.loaders import build_eval_loader, build_train_loader
 from utils.logger import MetricWriter, setup_logging
+from utils.preemption import StopRequest
 from utils.lr_schedule import WarmupSchedule
 
 logger = logging.getLogger("retinanet")
@@ -148,14 +149,19 @@ def main(args):
             save_checkpoint(state, checkpoint_path(args.output_dir, epoch, iteration))
             prune_checkpoints(args.output_dir, args.keep_checkpoints)
 
+    stop_request = StopRequest().install()
     logger.info("training %d epochs of %d iterations, %d images", args.epochs, iters_per_epoch, len(train_set))
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_loader.batch_sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         iteration, finished = train_one_epoch(model, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
-                                              iteration, args, writer, save)
-        if not finished:  # stopped by --max-iters, or by a signal after its checkpoint
-            break
+                                              iteration, args, writer, save, stop_request)
+        if not finished:  # --max-iters, or SIGTERM / SIGINT: the checkpoint is written, exit cleanly
+            logger.info("stopped at iteration %d; continue with --resume auto --output-dir %s", iteration,
+                        args.output_dir)
+            writer.close()
+            dist_utils.cleanup()
+            return
         save(epoch + 1, 0, iteration)
         last = epoch + 1 == args.epochs
         if last or (args.eval_interval and (epoch + 1) % args.eval_interval == 0):
@@ -209,6 +215,10 @@ def _build_optimizer(model, args, iters_per_epoch: int):
 
 
 def _resume_checkpoint(args):
+    # torchrun --max-restarts relaunches the same command after a failure: pick up
+    # from the newest checkpoint instead of starting over.
+    if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        args.resume = "auto"
     if not args.resume:
         return None
     if args.resume == "auto":

@@ -1,0 +1,115 @@
+"""Runs that survive kills, preemption, corrupt checkpoints and corrupt images (issue: reliability)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from test_train import REPO, final_weights, run, train_command
+from utils.checkpoint import CheckpointError, find_resumable_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from utils.demo_data import generate_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_coco_rel")
+    generate_demo_dataset(root, num_train=12, num_val=4, image_size=64, seed=2, show_progress=False)
+    return str(root)
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(tiny_data, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ("--epochs", "2", "--checkpoint-every", "2")
+    run(train_command(tiny_data, full, *args))
+    proc = subprocess.Popen(train_command(tiny_data, killed, *args), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Iteration 2 of the 3-iteration first epoch is a mid-epoch checkpoint.
+    assert wait_for(lambda: any("_i00000002" in c for c in list_checkpoints(str(killed))))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model_final.pth").exists()
+    run(train_command(tiny_data, killed, *args, "--resume", "auto"))
+    expected, resumed = final_weights(full), final_weights(killed)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_sigterm_writes_loadable_checkpoint_and_exits_zero(tiny_data, tmp_path):
+    proc = subprocess.Popen(train_command(tiny_data, tmp_path, "--epochs", "50"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: (tmp_path / "log.jsonl").exists() and
+                    len((tmp_path / "log.jsonl").read_text().splitlines()) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "SIGTERM received" in output
+    state = load_checkpoint(list_checkpoints(str(tmp_path))[0])
+    assert state["iteration"] >= 2 and "model" in state
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(tmp_path / "checkpoint_e0001_i00000010.pth"))
+    save_checkpoint({"model": {"w": torch.ones(3) * 2}, "epoch": 2}, str(tmp_path / "checkpoint_e0002_i00000020.pth"))
+    latest = tmp_path / "checkpoint_e0002_i00000020.pth"
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(str(latest))
+    path, state = find_resumable_checkpoint(str(tmp_path))
+    assert path.endswith("checkpoint_e0001_i00000010.pth") and state["epoch"] == 1
+
+
+def test_truncated_checkpoint_resume_auto_continues_training(tiny_data, tmp_path):
+    run(train_command(tiny_data, tmp_path, "--epochs", "2", "--checkpoint-every", "1", "--max-iters", "4"))
+    newest = list_checkpoints(str(tmp_path))[0]
+    with open(newest, "r+b") as f:
+        f.truncate(64)
+    result = run(train_command(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto"))
+    assert "skipping unusable checkpoint" in result.stdout + result.stderr
+    assert (tmp_path / "model_final.pth").exists()
+
+
+@pytest.fixture()
+def data_with_corrupt_images(tmp_path):
+    root = tmp_path / "corrupt"
+    generate_demo_dataset(root, num_train=40, num_val=4, image_size=64, seed=3, show_progress=False)
+    with open(root / "annotations" / "instances_train.json") as f:
+        names = [image["file_name"] for image in json.load(f)["images"]]
+    bad = [names[5], names[17]]
+    (root / "train" / bad[0]).write_bytes(b"not a jpeg at all")
+    data = (root / "train" / bad[1]).read_bytes()
+    (root / "train" / bad[1]).write_bytes(data[: len(data) // 3])
+    return str(root), bad
+
+
+def test_corrupt_images_are_skipped_and_counted(data_with_corrupt_images, tmp_path):
+    data, bad = data_with_corrupt_images
+    result = run(train_command(data, tmp_path, "--epochs", "1", "--max-bad-images", "5", "--batch-size", "8"))
+    output = result.stdout + result.stderr
+    for name in bad:
+        assert name in output
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert max(r.get("bad_images", 0) for r in records) == 2
+    assert (tmp_path / "model_final.pth").exists()
+
+
+def test_too_many_corrupt_images_stop_with_clear_error(data_with_corrupt_images, tmp_path):
+    data, bad = data_with_corrupt_images
+    cmd = train_command(data, tmp_path, "--epochs", "1", "--max-bad-images", "1", "--batch-size", "8")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "more than --max-bad-images 1" in result.stderr
+    assert all(name in result.stdout + result.stderr for name in bad)
