@@ -23,7 +23,8 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
                     topk_candidates: int = 1000, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
                     allow_low_quality_matches: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                     box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
-                    bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), channels_last: bool = False) -> RetinaNet:
+                    bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), channels_last: bool = False,
+                    weights: str = None) -> RetinaNet:
     """Build a RetinaNet. Defaults are the paper's COCO configuration (R-50, P3-P7, 800 px).
 
     Backbone:
@@ -48,12 +49,21 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
     Training:
         fg_iou_thresh (0.5), bg_iou_thresh (0.4), allow_low_quality_matches, focal_alpha (0.25),
         focal_gamma (2.0), box_loss ("smooth_l1" | "l1" | "giou"), smooth_l1_beta (1/9), bbox_reg_weights.
+    Weights:
+        weights: None, or a trained detector to load (see :mod:`model.weights`): one of our
+            checkpoints, a torchvision RetinaNet ``.pth`` or torchvision weights name such as
+            "RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1". The architecture, class list
+            (``model.categories``) and torchvision's settings then come from the weights;
+            only arguments given a non-default value override them. Returned in eval mode.
 
     The returned model carries ``model.config``: these arguments as a plain dict
     (with ``pretrained_backbone`` cleared), so ``build_retinanet(**model.config)``
     rebuilds the same architecture for a checkpoint.
     """
-    config = {k: v for k, v in locals().items()}
+    config = {k: v for k, v in locals().items() if k != "weights"}
+    if weights is not None:
+        from model.weights import build_from_weights  # model.weights builds through this function
+        return build_from_weights(weights, config)
     num_levels = 3 + num_extra_levels
     if len(anchor_base_sizes) != num_levels:
         raise ValueError(f"{num_levels} pyramid levels need {num_levels} anchor_base_sizes, "
