@@ -17,17 +17,19 @@ import contextlib
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import coco_dataset
 from utils import distributed
 from utils.checkpoint import load_model_from_checkpoint
+from utils.loaders import build_eval_loader
 from utils.coco_eval import (format_metrics_table, per_category_metrics, predictions_to_coco_results,
                              score_coco_results, write_json_atomic)
 from utils.pr_plot import plot_pr_curves
@@ -40,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint to evaluate; the model is rebuilt from it alone")
     source.add_argument("--results", help="score this existing COCO results JSON instead of running a model")
+    source.add_argument("--weights", help="instead of --checkpoint: a torchvision RetinaNet state-dict file or "
+                        "weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1); needs --data-path")
     parser.add_argument("--data-path", help="COCO root with annotations/ and <split>/; None = the checkpoint's data_path")
     parser.add_argument("--split", help="split to evaluate; None = the checkpoint's val_split, else val2017")
     parser.add_argument("--ann-file", help="ground-truth JSON for --results; None = <data-path>/annotations/instances_<split>.json")
@@ -177,28 +181,35 @@ def score_results_file(args) -> dict:
 
 
 def evaluate_checkpoint(args) -> dict:
-    """--checkpoint: rebuild the model, build the split's loader (sharded under DDP), evaluate."""
-    model, checkpoint = load_model_from_checkpoint(args.checkpoint, map_location="cpu")
-    saved_args = checkpoint.get("args") or {}
+    """--checkpoint / --weights: rebuild the model, build the split's loader (sharded under DDP), evaluate."""
+    if args.weights:
+        from model.weights import load_detector
+        model, categories = load_detector(args.weights)
+        saved_args, source = {}, args.weights
+        default_output = Path(args.weights).parent if os.path.isfile(args.weights) else Path(".")
+    else:
+        model, checkpoint = load_model_from_checkpoint(args.checkpoint, map_location="cpu")
+        categories, saved_args, source = checkpoint["categories"], checkpoint.get("args") or {}, args.checkpoint
+        default_output = Path(args.checkpoint).parent
     data_path = args.data_path or saved_args.get("data_path")
     split = args.split or saved_args.get("val_split") or "val2017"
     if data_path is None:
         raise ValueError("the checkpoint stores no data_path; pass --data-path")
     # The saved args carry whatever else build_dataset reads; only the location is overridden.
     dataset = coco_dataset.build_dataset(split, argparse.Namespace(**{**saved_args, "data_path": data_path}), train=False)
-    label_to_cat_id = [category["id"] for category in checkpoint["categories"]]
+    label_to_cat_id = [category["id"] for category in categories]
     unknown = sorted(set(label_to_cat_id) - set(dataset.coco.getCatIds()))
     if unknown:
         raise ValueError(f"checkpoint category ids {unknown} are not in {split}'s annotations; "
                          "was the model trained on another dataset?")
 
-    sampler = DistributedSampler(dataset, shuffle=False) if args.distributed else SequentialSampler(dataset)
     device = torch.device(args.device)
-    data_loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                             collate_fn=coco_dataset.collate_fn, pin_memory=device.type == "cuda")
-    output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval_{split}"
+    # Shards under DDP; unreadable images are reported and skipped rather than ending the run.
+    data_loader = build_eval_loader(dataset, args.batch_size, args.workers, distributed.get_rank(),
+                                    distributed.get_world_size(), pin_memory=device.type == "cuda")
+    output_dir = args.output_dir or default_output / f"eval_{split}"
     logger.info("evaluating %s on %s (%d images, %d process(es), device %s)",
-                args.checkpoint, split, len(dataset), distributed.get_world_size(), device)
+                source, split, len(dataset), distributed.get_world_size(), device)
     return evaluate(model.to(device), data_loader, dataset.coco, label_to_cat_id, device,
                     output_dir=output_dir, amp=args.amp, plot=args.plot)
 

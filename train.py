@@ -5,7 +5,6 @@
 """
 import argparse
 import logging
-import math
 import os
 import random
 import time
@@ -45,6 +44,11 @@ def get_args_parser():
     data.add_argument("--max-bad-images", type=float, default=0.001,
                       help="stop when more unreadable images than this were skipped (fraction if < 1, else a count)")
     mdl = p.add_argument_group("model")
+    mdl.add_argument("--weights", default=None,
+                     help="fine-tune from detection weights: one of our checkpoints, a torchvision RetinaNet "
+                          "state-dict file or weights name (RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1); the "
+                          "architecture follows the weights, every tensor but the last classifier layer is loaded, "
+                          "and classifier rows of categories whose names match are kept")
     mdl.add_argument("--backbone", default=None, choices=sorted(BACKBONES), help="trunk (COCO: resnet50)")
     mdl.add_argument("--pretrained-backbone", default=None,
                      help="ImageNet weights: torchvision tag (DEFAULT, IMAGENET1K_V1), a .pth path, or 'none'")
@@ -105,7 +109,7 @@ def main(args):
 
     train_set = coco_dataset.build_dataset(args.train_split, args, train=True)
     val_set = coco_dataset.build_dataset(args.val_split, args, train=False)
-    model = build_retinanet(num_classes=train_set.num_classes, **args.model_kwargs).to(device)
+    model = _build_model(args, train_set).to(device)
     if args.sync_bn and args.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
@@ -178,6 +182,26 @@ def main(args):
                     os.path.join(args.output_dir, "detections"))
     writer.close()
     dist_utils.cleanup()
+
+
+# Options that describe the network itself: with --weights they come from the weights.
+_ARCHITECTURE_KEYS = ("backbone", "backbone_norm", "trainable_backbone_layers", "fpn_channels", "num_extra_levels",
+                      "p6_from", "head_convs", "head_norm", "anchor_base_sizes", "scales_per_octave", "aspect_ratios",
+                      "size_divisible", "box_loss")
+
+
+def _build_model(args, train_set):
+    if not args.weights:
+        return build_retinanet(num_classes=train_set.num_classes, **args.model_kwargs)
+    from model.weights import load_pretrained_for_finetuning, read_weights
+    source_config = read_weights(args.weights).model_config
+    kwargs = {**args.model_kwargs, "pretrained_backbone": None,
+              **{k: source_config[k] for k in _ARCHITECTURE_KEYS if k in source_config}}
+    model = build_retinanet(num_classes=train_set.num_classes, **kwargs)
+    report = load_pretrained_for_finetuning(model, args.weights, train_set.categories)
+    logger.info("fine-tuning from %s: %d tensors loaded, classes kept %s, new classes %s", args.weights,
+                len(report["loaded"]), report["copied_classes"], report["new_classes"])
+    return model
 
 
 def _check_ranks_agree(model) -> None:

@@ -81,3 +81,23 @@ def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
     assert "all 2 ranks agree on the final weights" in result.stdout + result.stderr
     state = load_checkpoint(str(tmp_path / "model_final.pth"))
     assert state["args"]["world_size"] == 2
+
+
+def test_fine_tune_from_checkpoint_with_weights_flag(tiny_data, tmp_path):
+    from model import build_retinanet
+    from utils.checkpoint import save_checkpoint
+    source = build_retinanet(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, head_norm="gn",
+                             num_extra_levels=1, anchor_base_sizes=(16, 32, 64, 128), min_size=64, max_size=64)
+    with torch.no_grad():
+        source.head.cls_logits.weight.fill_(0.123)
+    categories = [{"id": 1, "name": "Circle"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "cross"}]
+    save_checkpoint({"model": source.state_dict(), "model_config": source.config, "categories": categories},
+                    str(tmp_path / "source.pth"))
+    out = tmp_path / "run"
+    # Architecture flags deliberately differ: --weights decides the network.
+    cmd = train_command(tiny_data, out, "--epochs", "1", "--max-iters", "1", "--weights", str(tmp_path / "source.pth"))
+    cmd[cmd.index("--fpn-channels") + 1] = "64"
+    result = run(cmd)
+    assert "fine-tuning from" in result.stdout + result.stderr
+    state = load_checkpoint(list_checkpoints(str(out))[0])
+    assert state["model_config"]["fpn_channels"] == 32 and state["model"]["head.cls_logits.weight"].shape[0] == 9 * 4
