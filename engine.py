@@ -42,17 +42,18 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoc
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss_dict = model(images, targets)
         loss = loss_dict["classification"] + loss_dict["bbox_regression"]
+        # One host sync per step: a NaN/inf loss must never reach the weights. Every
+        # rank must skip together (or DDP's gradient all-reduce would hang), hence the
+        # reduction. The fp16 GradScaler separately skips steps whose gradients overflow.
+        if all_reduce_mean(torch.isfinite(loss).float()) < 1:
+            _skip_non_finite_step(args, loss_dict, iteration, epoch, batch_in_epoch)
+            continue
+        args.consecutive_non_finite = 0
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-        # The fp16 scaler skips steps with inf/NaN gradients itself; otherwise a
-        # non-finite loss must stop the run before it poisons the weights.
-        if not scaler.is_enabled() and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {iteration} (epoch {epoch + 1}, batch {batch_in_epoch}): "
-                f"{ {k: v.item() for k, v in loss_dict.items()} }; the last good checkpoint is in {args.output_dir}")
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()
@@ -68,7 +69,7 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoc
             record = {"type": "train", "epoch": epoch + 1, "iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
                       "loss": sum(means.values()), **means,
                       "images_per_s": window_images * args.world_size / max(elapsed, 1e-9),
-                      "bad_images": args.bad_image_count}
+                      "bad_images": args.bad_image_count, "non_finite_steps": getattr(args, "non_finite_count", 0)}
             if not math.isfinite(record["loss"]):
                 raise NonFiniteLossError(f"non-finite loss by iteration {iteration} (fp16 scaler could not recover); "
                                          f"the last good checkpoint is in {args.output_dir}")
@@ -87,6 +88,23 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoc
             save_checkpoint(epoch, batch_in_epoch + 1, iteration)
             return iteration, False
     return iteration, True
+
+
+def _skip_non_finite_step(args, loss_dict, iteration: int, epoch: int, batch_in_epoch: int) -> None:
+    """Count a non-finite loss and skip its step; several in a row mean the run has diverged."""
+    from utils.checkpoint import list_checkpoints  # local: only needed on this rare path
+    args.non_finite_count = getattr(args, "non_finite_count", 0) + 1
+    args.consecutive_non_finite = getattr(args, "consecutive_non_finite", 0) + 1
+    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+    logger.warning("non-finite loss %s at iteration %d (epoch %d, batch %d): step skipped (%d so far)",
+                   values, iteration, epoch + 1, batch_in_epoch, args.non_finite_count)
+    if args.consecutive_non_finite >= args.max_non_finite:
+        checkpoints = list_checkpoints(args.output_dir)
+        last_good = checkpoints[0] if checkpoints else "none written yet"
+        raise NonFiniteLossError(
+            f"{args.consecutive_non_finite} non-finite losses in a row, the last at iteration {iteration} "
+            f"(epoch {epoch + 1}, batch {batch_in_epoch}): training diverged. Last good checkpoint: {last_good}. "
+            f"Try a lower --lr, --clip-grad-norm, or --amp none.")
 
 
 def _count_bad_images(args, messages: list) -> None:

@@ -90,6 +90,8 @@ def get_args_parser():
     run.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N iterations (0 = per epoch)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="training checkpoints kept on disk")
     run.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations (0 = no limit; smoke tests)")
+    run.add_argument("--max-non-finite", type=int, default=5,
+                     help="stop after this many non-finite losses in a row (each one's step is skipped)")
     run.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
     run.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
     return p
