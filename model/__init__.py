@@ -24,6 +24,7 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
                     allow_low_quality_matches: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                     box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
                     bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), channels_last: bool = False,
+                    fold_batchnorm: bool = True, inference_channels_last: bool = True, compile_loss: bool = False,
                     weights: str = None) -> RetinaNet:
     """Build a RetinaNet. Defaults are the paper's COCO configuration (R-50, P3-P7, 800 px).
 
@@ -44,6 +45,12 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
     Input:
         min_size (int or tuple for multi-scale training), max_size, fixed_size (H, W) or None,
         size_divisible (pad multiple), image_mean, image_std, channels_last.
+    Speed (none changes the outputs beyond float rounding; see benchmarks/README.md):
+        fold_batchnorm: apply BatchNorm with fixed statistics (frozen, or in eval mode) by
+            scaling the conv weights instead of a separate pass over the activations.
+        inference_channels_last: in eval mode on CPU, run the convs on a channels_last
+            batch (oneDNN's native layout); ``channels_last`` sets training too.
+        compile_loss: ``torch.compile`` the dense part of the loss (needs a C++ compiler on CPU).
     Inference:
         score_thresh (0.05), nms_thresh (0.5), detections_per_img (100), topk_candidates (1000 per level).
     Training:
@@ -72,16 +79,17 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if backbone_norm == "auto":
         backbone_norm = "frozen_bn" if pretrained_backbone else "bn"
-    body = ResNetBackbone(backbone, pretrained_backbone, trainable_backbone_layers, norm=backbone_norm)
+    body = ResNetBackbone(backbone, pretrained_backbone, trainable_backbone_layers, norm=backbone_norm,
+                          fold_batchnorm=fold_batchnorm)
     fpn = FPN(body.out_channels, fpn_channels, num_extra_levels, p6_from)
     anchor_generator = AnchorGenerator(default_anchor_sizes(anchor_base_sizes, scales_per_octave), aspect_ratios)
     head = RetinaNetHead(fpn_channels, anchor_generator.num_anchors_per_location, num_classes, head_convs,
                          head_norm, prior_prob)
     transform = ImageBatcher(min_size, max_size, image_mean, image_std, size_divisible, fixed_size)
     loss = RetinaNetLoss(num_classes, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches, focal_alpha,
-                         focal_gamma, box_loss, smooth_l1_beta, bbox_reg_weights)
+                         focal_gamma, box_loss, smooth_l1_beta, bbox_reg_weights, compile=compile_loss)
     model = RetinaNet(body, fpn, head, anchor_generator, transform, loss, num_classes, score_thresh,
-                      nms_thresh, detections_per_img, topk_candidates, channels_last)
+                      nms_thresh, detections_per_img, topk_candidates, channels_last, inference_channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     config.update(backbone_norm=backbone_norm, pretrained_backbone=None)

@@ -8,6 +8,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from model.batchnorm_folding import FoldedConvs, foldable
+
 logger = logging.getLogger(__name__)
 
 # name -> (torchvision constructor, ImageNet weights enum name). A plain dict, not a registry.
@@ -55,13 +57,18 @@ class ResNetBackbone(nn.Module):
         trainable_layers: with pretrained weights, how many stages from the top
             train (0-5; default 3 = layer2..layer4, stem and layer1 frozen as in
             the paper's Detectron setup). Ignored without pretrained weights.
+        fold_batchnorm: apply each FrozenBatchNorm2d (and BatchNorm in eval mode) by
+            scaling the conv before it instead of a separate pass over the activations
+            (``model/batchnorm_folding.py``). Parameters, state dict and outputs (up to
+            float rounding) are unchanged; trainable BatchNorm always runs as is.
 
     Pretrained trunks get FrozenBatchNorm2d (batch statistics of 2 images per GPU
     are too noisy to fine-tune); random trunks get ordinary BatchNorm so training
     from scratch works (convert it to SyncBatchNorm for multi-GPU if wanted).
     """
 
-    def __init__(self, name: str = "resnet50", pretrained=None, trainable_layers: int = 3, norm: str = "auto"):
+    def __init__(self, name: str = "resnet50", pretrained=None, trainable_layers: int = 3, norm: str = "auto",
+                 fold_batchnorm: bool = True):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -87,6 +94,8 @@ class ResNetBackbone(nn.Module):
         self.out_channels = [_stage_channels(trunk.layer2), _stage_channels(trunk.layer3),
                              _stage_channels(trunk.layer4)]
         self.norm = norm
+        self.fold_batchnorm = fold_batchnorm
+        self._folded = FoldedConvs()  # folded weights of frozen convs; never in the state dict
         # Frozen statistics go with frozen early stages: both assume a trunk that
         # already learned low-level filters on ImageNet.
         if norm == "frozen_bn":
@@ -97,12 +106,59 @@ class ResNetBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> list:
         """``[B, 3, H, W]`` -> ``[C3 [B, c3, H/8, W/8], C4 [.., H/16, ..], C5 [.., H/32, ..]]``."""
         body = self.body
-        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-        c2 = body.layer1(x)
-        c3 = body.layer2(c2)
-        c4 = body.layer3(c3)
-        c5 = body.layer4(c4)
-        return [c3, c4, c5]
+        if not (self.fold_batchnorm and foldable(body.bn1)):
+            x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+            c2 = body.layer1(x)
+            c3 = body.layer2(c2)
+            c4 = body.layer3(c3)
+            c5 = body.layer4(c4)
+            return [c3, c4, c5]
+        # Frozen leading stages only run forward. On CPU their convs and the max-pool
+        # are faster in channels_last (oneDNN's native layout); the activations go back
+        # to NCHW where backward starts, since oneDNN's NHWC weight gradients of 3x3
+        # convs are slower on AVX2 CPUs.
+        num_frozen = self._num_frozen_stages() if self.training and images.device.type == "cpu" else 0
+        x = images.contiguous(memory_format=torch.channels_last) if num_frozen else images
+        x = body.maxpool(body.relu(self._folded("conv1", body.conv1, body.bn1, x)))
+        outputs = []
+        for stage_index, stage in enumerate(_STAGES[::-1][1:], start=1):  # layer1 .. layer4
+            if stage_index == num_frozen:
+                x = x.contiguous()
+            for block_index, block in enumerate(getattr(body, stage)):
+                x = self._block(f"{stage}.{block_index}", block, x)
+            outputs.append(x)
+        return [c.contiguous() for c in outputs[1:]] if num_frozen else outputs[1:]
+
+    def train(self, mode: bool = True):
+        self._folded.clear()  # training changes the weights; free the folded copies
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._folded.clear()  # .to(), .half(), ... give the tensors new storage
+        return super()._apply(fn, *args, **kwargs)
+
+    def _num_frozen_stages(self) -> int:
+        """How many of stem, layer1, ..., layer4 from the bottom have no trainable parameter."""
+        count = 0
+        for stage in ["conv1"] + _STAGES[::-1][1:]:
+            modules = [self.body.conv1, self.body.bn1] if stage == "conv1" else [getattr(self.body, stage)]
+            if any(p.requires_grad for m in modules for p in m.parameters()):
+                break
+            count += 1
+        return count
+
+    def _block(self, name: str, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A torchvision BasicBlock / Bottleneck with each conv and its norm folded together."""
+        out = block.relu(self._folded(f"{name}.conv1", block.conv1, block.bn1, x))
+        if hasattr(block, "conv3"):
+            out = block.relu(self._folded(f"{name}.conv2", block.conv2, block.bn2, out))
+            out = self._folded(f"{name}.conv3", block.conv3, block.bn3, out)
+        else:
+            out = self._folded(f"{name}.conv2", block.conv2, block.bn2, out)
+        if block.downsample is not None:
+            x = self._folded(f"{name}.downsample", block.downsample[0], block.downsample[1], x)
+        out += x
+        return block.relu(out)
 
 
 def _stage_channels(stage: nn.Sequential) -> int:

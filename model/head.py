@@ -55,15 +55,21 @@ class RetinaNetHead(nn.Module):
         box_deltas ``[B, sum_l H_l W_l A, 4]``), location-major then anchor, the order
         of :class:`model.anchors.AnchorGenerator`.
         """
+        cls_per_level, box_per_level = self.per_level(features)
+        return torch.cat(cls_per_level, dim=1), torch.cat(box_per_level, dim=1)
+
+    def per_level(self, features: list) -> tuple:
+        """The same outputs as ``forward``, one ``[B, H_l W_l A, K]`` / ``[B, H_l W_l A, 4]`` tensor
+        per level: inference ranks each level on its own and need not pay for the concatenation."""
         cls_per_level, box_per_level = [], []
         for feature in features:
             cls_per_level.append(_flatten(self.cls_logits(self.cls_tower(feature)), self.num_classes))
             box_per_level.append(_flatten(self.bbox_pred(self.box_tower(feature)), 4))
-        return torch.cat(cls_per_level, dim=1), torch.cat(box_per_level, dim=1)
+        return cls_per_level, box_per_level
 
 
 def _flatten(x: torch.Tensor, channels_per_anchor: int) -> torch.Tensor:
-    """``[B, A*C, H, W]`` -> ``[B, H*W*A, C]``."""
+    """``[B, A*C, H, W]`` -> ``[B, H*W*A, C]``; a view, not a copy, when x is channels_last."""
     batch, _, height, width = x.shape
     x = x.view(batch, -1, channels_per_anchor, height, width).permute(0, 3, 4, 1, 2)
     return x.reshape(batch, -1, channels_per_anchor)

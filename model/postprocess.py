@@ -12,21 +12,24 @@ from torchvision.ops import batched_nms
 from utils.boxes import clip_boxes, decode_boxes
 
 
-def select_candidates(cls_logits: Tensor, num_anchors_per_level: list, topk_candidates: int):
+def select_candidates(cls_logits, num_anchors_per_level: list, topk_candidates: int):
     """Top-k (anchor, class) pairs per level and image, ranked by logit.
 
     Args:
-        cls_logits: ``[B, N, K]`` for all levels concatenated.
+        cls_logits: ``[B, N, K]`` for all levels concatenated, or a list of the
+            per-level ``[B, N_l, K]`` tensors (no copy when each is contiguous).
 
     Returns:
         logits ``[B, C]``, anchor indices ``[B, C]`` into N, labels ``[B, C]``,
         with C = sum over levels of min(topk_candidates, N_l * K).
     """
-    batch, _, num_classes = cls_logits.shape
+    if isinstance(cls_logits, Tensor):
+        cls_logits = cls_logits.split(num_anchors_per_level, dim=1)
+    batch, _, num_classes = cls_logits[0].shape
     logits_out, anchors_out, labels_out = [], [], []
     start = 0
-    for count in num_anchors_per_level:
-        level_logits = cls_logits[:, start:start + count].reshape(batch, -1)  # [B, N_l * K]
+    for count, level_logits in zip(num_anchors_per_level, cls_logits):
+        level_logits = level_logits.reshape(batch, -1)  # [B, N_l * K]
         k = min(topk_candidates, level_logits.shape[1])
         # Sigmoid is monotone, so ranking logits equals ranking scores and only
         # the k survivors need a sigmoid.
@@ -38,14 +41,15 @@ def select_candidates(cls_logits: Tensor, num_anchors_per_level: list, topk_cand
     return torch.cat(logits_out, 1), torch.cat(anchors_out, 1), torch.cat(labels_out, 1)
 
 
-def postprocess_detections(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: list,
+def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: list,
                            image_sizes: list, score_thresh: float = 0.05, topk_candidates: int = 1000,
                            nms_thresh: float = 0.5, detections_per_img: int = 100,
                            bbox_reg_weights=(1.0, 1.0, 1.0, 1.0)) -> list:
     """Turn head outputs into detections in the (resized) input frame.
 
     Args:
-        cls_logits: ``[B, N, K]``; box_deltas: ``[B, N, 4]``; anchors: ``[N, 4]``.
+        cls_logits: ``[B, N, K]``, or its per-level ``[B, N_l, K]`` parts as a list;
+        box_deltas: ``[B, N, 4]``; anchors: ``[N, 4]``.
         num_anchors_per_level: N split by pyramid level (top-k is per level, as in the paper).
         image_sizes: ``[(h, w)]`` of each resized image, for clipping.
 
@@ -53,7 +57,7 @@ def postprocess_detections(cls_logits: Tensor, box_deltas: Tensor, anchors: Tens
         one dict per image: "boxes" ``[D, 4]`` xyxy, "scores" ``[D]``, "labels" ``[D]``,
         sorted by score, D <= detections_per_img.
     """
-    batch = cls_logits.shape[0]
+    batch = box_deltas.shape[0]
     logits, anchor_idx, labels = select_candidates(cls_logits, num_anchors_per_level, topk_candidates)
     scores = torch.sigmoid(logits.float())
     deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
@@ -67,7 +71,7 @@ def postprocess_detections(cls_logits: Tensor, box_deltas: Tensor, anchors: Tens
     boxes, scores, labels, image_idx = boxes[keep], scores[keep], labels[keep], image_idx[keep]
     # One NMS call for the batch: (image, class) pairs form the groups, so boxes
     # of different images or classes never suppress each other.
-    num_classes = cls_logits.shape[2]
+    num_classes = (cls_logits if isinstance(cls_logits, Tensor) else cls_logits[0]).shape[-1]
     kept = batched_nms(boxes, scores, image_idx * num_classes + labels, nms_thresh)
     kept_image = image_idx[kept]
     detections = []

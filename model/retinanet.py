@@ -27,14 +27,14 @@ class RetinaNet(nn.Module):
     def __init__(self, backbone: nn.Module, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator,
                  transform: ImageBatcher, loss: RetinaNetLoss, num_classes: int, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_img: int = 100, topk_candidates: int = 1000,
-                 channels_last: bool = False):
+                 channels_last: bool = False, inference_channels_last: bool = True):
         super().__init__()
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.anchor_generator, self.transform, self.loss = anchor_generator, transform, loss
         self.num_classes = num_classes
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
-        self.channels_last = channels_last
+        self.channels_last, self.inference_channels_last = channels_last, inference_channels_last
         self.config = {}  # filled by build_retinanet: the kwargs that rebuild this model
 
     def forward(self, images: list, targets: list = None):
@@ -49,20 +49,25 @@ class RetinaNet(nn.Module):
         images = [image.to(device, non_blocking=True) for image in images]
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, image_sizes, targets = self.transform(images, targets)
-        if self.channels_last:
+        # oneDNN's native layout is NHWC: on CPU, inference in channels_last skips a
+        # layout conversion around every conv. Training keeps ``channels_last`` as
+        # built, since NHWC weight gradients of 3x3 convs are slower on CPU.
+        cpu_inference = not self.training and batch.device.type == "cpu"
+        if self.channels_last or (self.inference_channels_last and cpu_inference):
             batch = batch.contiguous(memory_format=torch.channels_last)
 
         features = self.fpn(self.backbone(batch))
-        cls_logits, box_deltas = self.head(features)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(tuple(batch.shape[-2:]), feature_sizes, torch.float32, batch.device)
 
         if self.training:
+            cls_logits, box_deltas = self.head(features)
             return self.loss(cls_logits, box_deltas, anchors, targets)
+        cls_logits, box_deltas = self.head.per_level(features)  # per level: no [B, A, K] concatenation
         detections = postprocess_detections(
-            cls_logits, box_deltas, anchors, self.anchor_generator.num_anchors_per_level(feature_sizes),
-            image_sizes, self.score_thresh, self.topk_candidates, self.nms_thresh, self.detections_per_img,
-            self.loss.bbox_reg_weights)
+            cls_logits, torch.cat(box_deltas, dim=1), anchors,
+            self.anchor_generator.num_anchors_per_level(feature_sizes), image_sizes, self.score_thresh,
+            self.topk_candidates, self.nms_thresh, self.detections_per_img, self.loss.bbox_reg_weights)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
 
