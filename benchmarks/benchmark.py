@@ -10,8 +10,8 @@ FrozenBatchNorm2d, stem and layer1 frozen; random values stand in for the weight
 which do not change the speed), or as they build it without pretrained weights
 (``--recipe scratch``: trainable BatchNorm, every stage trained). Also the same FPN
 (P6 from P5, torchvision v1's layout), class count, images (exactly
-``--image-size`` square, ``min_size = max_size = image size`` and the same padding
-multiple on both, so neither resizes or pads differently), targets, dtype, device
+``--image-size H W``, with ``min_size``/``max_size`` set to the short/long side and the
+same padding multiple on both, so neither resizes or pads differently), targets, dtype, device
 and inference settings (score > 0.05, top 1000 per level, NMS 0.5,
 ``--detections-per-img`` on both).
 
@@ -56,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="finetune", choices=["finetune", "scratch"],
                         help="finetune: the trunk as built for ImageNet weights (FrozenBatchNorm2d, stem and "
                              "layer1 frozen), what COCO training runs; scratch: trainable BatchNorm, all stages")
-    parser.add_argument("--image-size", type=int, default=512, help="square images of exactly this size")
+    parser.add_argument("--image-size", type=int, nargs="+", default=[512],
+                        help="H [W]: images of exactly this size (W = H if omitted), e.g. 800 1333")
     parser.add_argument("--batch-size", type=int, default=4, help="images per training step")
     parser.add_argument("--eval-batch-size", type=int, default=None,
                         help="images per inference call; None = --batch-size")
@@ -91,9 +92,9 @@ def build_torchvision_retinanet(args):
     from torchvision.ops import FrozenBatchNorm2d
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-    kwargs = dict(min_size=args.image_size, max_size=args.image_size, size_divisible=args.size_divisible,
-                  detections_per_img=args.detections_per_img, score_thresh=0.05, nms_thresh=0.5,
-                  topk_candidates=1000)
+    kwargs = dict(min_size=min(args.image_size), max_size=max(args.image_size),
+                  size_divisible=args.size_divisible, detections_per_img=args.detections_per_img,
+                  score_thresh=0.05, nms_thresh=0.5, topk_candidates=1000)
     # What retinanet_resnet50_fpn does: FrozenBatchNorm2d and 3 trainable stages when it
     # loads ImageNet weights, BatchNorm and all 5 stages without.
     finetune = args.recipe == "finetune"
@@ -107,19 +108,21 @@ def build_torchvision_retinanet(args):
 def build_ours(args):
     return build_retinanet(num_classes=args.num_classes, backbone=args.backbone, p6_from="p5",
                            backbone_norm="frozen_bn" if args.recipe == "finetune" else "bn",
-                           trainable_backbone_layers=3, min_size=args.image_size, max_size=args.image_size,
+                           trainable_backbone_layers=3, min_size=min(args.image_size), max_size=max(args.image_size),
                            size_divisible=args.size_divisible, detections_per_img=args.detections_per_img,
                            score_thresh=0.05, nms_thresh=0.5, topk_candidates=1000)
 
 
-def make_batch(batch_size: int, image_size: int, boxes_per_image: int, num_classes: int, generator):
-    """Random [0, 1] images and a few random valid boxes (at least 8 px wide) per image."""
-    images = [torch.rand(3, image_size, image_size, generator=generator) for _ in range(batch_size)]
+def make_batch(batch_size: int, image_size: tuple, boxes_per_image: int, num_classes: int, generator):
+    """Random [0, 1] ``(H, W)`` images and a few random valid boxes (at least 8 px wide) per image."""
+    height, width = image_size
+    images = [torch.rand(3, height, width, generator=generator) for _ in range(batch_size)]
+    scale = torch.tensor([width, height], dtype=torch.float32)
     targets = []
     for _ in range(batch_size):
-        xy = torch.rand(boxes_per_image, 2, generator=generator) * (image_size * 0.7)
-        wh = 8 + torch.rand(boxes_per_image, 2, generator=generator) * (image_size * 0.3 - 8)
-        boxes = torch.cat([xy, (xy + wh).clamp(max=image_size)], dim=1)
+        xy = torch.rand(boxes_per_image, 2, generator=generator) * scale * 0.7
+        wh = 8 + torch.rand(boxes_per_image, 2, generator=generator) * (scale * 0.3 - 8)
+        boxes = torch.cat([xy, torch.minimum(xy + wh, scale)], dim=1)
         labels = torch.randint(num_classes, (boxes_per_image,), generator=generator)
         targets.append({"boxes": boxes, "labels": labels})
     return images, targets
@@ -257,11 +260,13 @@ def _fmt(value, scale=1.0, digits=2) -> str:
 def print_table(report: dict, args) -> None:
     columns = [("train img/s", "train_images_per_s", 1.0, 2), ("infer img/s", "eval_images_per_s", 1.0, 2),
                ("train peak MiB", "train_peak_bytes", 2 ** 20, 0), ("infer peak MiB", "eval_peak_bytes", 2 ** 20, 0)]
-    print(f"\n{report['backbone']}, {report['image_size']}x{report['image_size']} images, train batch "
+    height, width = report["image_size"]
+    print(f"\n{report['backbone']}, {height}x{width} images, train batch "
           f"{report['batch_size']}, eval batch {report['eval_batch_size']}, {report['num_classes']} classes, "
           f"{report['setting']}, {report['threads']} threads; median of {report['repeats']} alternating rounds "
           f"x {report['iters']} iters")
-    print(f"both: min_size = max_size = {report['image_size']}, score > 0.05, top-1000 per level, NMS 0.5, "
+    print(f"both: min_size = {min(height, width)}, max_size = {max(height, width)} (no resizing), score > 0.05, "
+          f"top-1000 per level, NMS 0.5, "
           f"{report['detections_per_img']} detections per image, SGD; recipe {report['recipe']} ("
           f"{'FrozenBatchNorm2d, stem + layer1 frozen' if report['recipe'] == 'finetune' else 'BatchNorm, all stages'}"
           f"); ours: build_retinanet defaults (p6_from='p5' as torchvision v1); torchvision: RetinaNet with "
@@ -287,8 +292,11 @@ def main(args) -> dict:
         raise ValueError("--amp fp16 is for CUDA; use --amp bf16 on CPU")
     eval_batch_size = args.eval_batch_size or args.batch_size
     generator = torch.Generator().manual_seed(args.seed)
-    images, targets = make_batch(args.batch_size, args.image_size, args.boxes_per_image, args.num_classes, generator)
-    eval_images, _ = make_batch(eval_batch_size, args.image_size, 1, args.num_classes, generator)
+    if len(args.image_size) > 2:
+        raise ValueError(f"--image-size takes H or H W, got {args.image_size}")
+    image_size = (args.image_size[0], args.image_size[-1])
+    images, targets = make_batch(args.batch_size, image_size, args.boxes_per_image, args.num_classes, generator)
+    eval_images, _ = make_batch(eval_batch_size, image_size, 1, args.num_classes, generator)
     images = [im.to(device) for im in images]
     eval_images = [im.to(device) for im in eval_images]
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -318,7 +326,7 @@ def main(args) -> dict:
 
     report = {"setting": _describe(args, device), "device": str(device), "backbone": args.backbone,
               "recipe": args.recipe,
-              "image_size": args.image_size, "batch_size": args.batch_size, "eval_batch_size": eval_batch_size,
+              "image_size": list(image_size), "batch_size": args.batch_size, "eval_batch_size": eval_batch_size,
               "num_classes": args.num_classes, "detections_per_img": args.detections_per_img,
               "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
               "threads": torch.get_num_threads(), "iters": args.iters, "warmup": args.warmup,

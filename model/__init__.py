@@ -25,6 +25,7 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
                     box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
                     bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), channels_last: bool = False,
                     fold_batchnorm: bool = True, inference_channels_last: bool = True, compile_loss: bool = False,
+                    winograd: bool = True,
                     weights: str = None) -> RetinaNet:
     """Build a RetinaNet. Defaults are the paper's COCO configuration (R-50, P3-P7, 800 px).
 
@@ -51,6 +52,8 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
         inference_channels_last: in eval mode on CPU, run the convs on a channels_last
             batch (oneDNN's native layout); ``channels_last`` sets training too.
         compile_loss: ``torch.compile`` the dense part of the loss (needs a C++ compiler on CPU).
+        winograd: on CPU in float32, the 3x3 convs of the FPN and the heads with >= 256
+            channels on >= 32 x 32 maps use Winograd F(2x2, 3x3) (``model/winograd.py``).
     Inference:
         score_thresh (0.05), nms_thresh (0.5), detections_per_img (100), topk_candidates (1000 per level).
     Training:
@@ -81,10 +84,10 @@ def build_retinanet(num_classes: int = 80, backbone: str = "resnet50", pretraine
         backbone_norm = "frozen_bn" if pretrained_backbone else "bn"
     body = ResNetBackbone(backbone, pretrained_backbone, trainable_backbone_layers, norm=backbone_norm,
                           fold_batchnorm=fold_batchnorm)
-    fpn = FPN(body.out_channels, fpn_channels, num_extra_levels, p6_from)
+    fpn = FPN(body.out_channels, fpn_channels, num_extra_levels, p6_from, winograd=winograd)
     anchor_generator = AnchorGenerator(default_anchor_sizes(anchor_base_sizes, scales_per_octave), aspect_ratios)
     head = RetinaNetHead(fpn_channels, anchor_generator.num_anchors_per_location, num_classes, head_convs,
-                         head_norm, prior_prob)
+                         head_norm, prior_prob, winograd=winograd)
     transform = ImageBatcher(min_size, max_size, image_mean, image_std, size_divisible, fixed_size)
     loss = RetinaNetLoss(num_classes, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches, focal_alpha,
                          focal_gamma, box_loss, smooth_l1_beta, bbox_reg_weights, compile=compile_loss)

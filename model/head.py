@@ -4,12 +4,14 @@ import math
 import torch
 from torch import nn
 
+from model.winograd import Conv3x3
 
-def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+
+def _tower(channels: int, num_convs: int, norm: str, winograd: bool) -> nn.Sequential:
     layers = []
     for _ in range(num_convs):
         # A conv followed by GroupNorm needs no bias: the norm's shift replaces it.
-        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm is None))
+        layers.append(Conv3x3(channels, channels, bias=norm is None, winograd=winograd))
         if norm == "gn":
             layers.append(nn.GroupNorm(32 if channels % 32 == 0 else 8, channels))
         layers.append(nn.ReLU(inplace=True))
@@ -28,18 +30,19 @@ class RetinaNetHead(nn.Module):
         prior_prob: initial foreground probability pi; the classification bias
             starts at -log((1 - pi) / pi) so the ~10^5 easy negatives do not swamp
             the first iterations with a huge loss (paper section 4.1, "Initialization").
+        winograd: let the 3x3 convs take the Winograd path on CPU (``model/winograd.py``).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
-                 norm: str = None, prior_prob: float = 0.01):
+                 norm: str = None, prior_prob: float = 0.01, winograd: bool = True):
         super().__init__()
         if norm not in (None, "gn"):
             raise ValueError(f"head norm must be None or 'gn', got {norm!r}")
         self.num_anchors, self.num_classes = num_anchors, num_classes
-        self.cls_tower = _tower(in_channels, num_convs, norm)
-        self.box_tower = _tower(in_channels, num_convs, norm)
-        self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        self.cls_tower = _tower(in_channels, num_convs, norm, winograd)
+        self.box_tower = _tower(in_channels, num_convs, norm, winograd)
+        self.cls_logits = Conv3x3(in_channels, num_anchors * num_classes, winograd=winograd)
+        self.bbox_pred = Conv3x3(in_channels, num_anchors * 4, winograd=winograd)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)

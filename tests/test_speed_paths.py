@@ -240,13 +240,14 @@ def test_benchmark_runs_end_to_end(tmp_path):
 
     output = tmp_path / "bench.json"
     args = benchmark.get_args_parser().parse_args(
-        ["--backbone", "resnet18", "--image-size", "64", "--iters", "1", "--warmup", "0", "--repeats", "1",
+        ["--backbone", "resnet18", "--image-size", "64", "96", "--iters", "1", "--warmup", "0", "--repeats", "1",
          "--batch-size", "2", "--num-classes", "5", "--threads", "2", "--output", str(output)])
     benchmark.main(args)
     report = json.loads(output.read_text())
     for name in ("ours", "torchvision"):
         assert report[name]["train_images_per_s"] > 0 and report[name]["eval_images_per_s"] > 0
     assert report["train_images_per_s_ratio"] > 0 and report["backbone"] == "resnet18"
+    assert report["image_size"] == [64, 96] and report["recipe"] == "finetune"
 
 
 def test_data_benchmark_runs_end_to_end(tmp_path):
