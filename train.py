@@ -82,6 +82,9 @@ def get_args_parser():
     run.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cuda, cpu")
     run.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="mixed precision")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile backbone, FPN, heads and the dense loss (GPU runs at a fixed size; "
+                          "the first iterations compile)")
     run.add_argument("--seed", type=int, default=42, help="random seed (each rank uses seed + rank)")
     run.add_argument("--output-dir", default=None, help="checkpoints and logs (default: output/demo or output/coco)")
     run.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest valid one in --output-dir")
@@ -112,6 +115,8 @@ def main(args):
     train_set = coco_dataset.build_dataset(args.train_split, args, train=True)
     val_set = coco_dataset.build_dataset(args.val_split, args, train=False)
     model = _build_model(args, train_set).to(device)
+    if args.compile:
+        model.compile_parts()
     if args.sync_bn and args.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model

@@ -58,7 +58,11 @@ class RetinaNetLoss(torch.nn.Module):
         self.smooth_l1_beta = 0.0 if box_loss == "l1" else smooth_l1_beta
         self.bbox_reg_weights = tuple(bbox_reg_weights)
         self.crowd_ioa_thresh = crowd_ioa_thresh
-        self.compile = compile
+        self._dense_losses = _compiled_dense_losses() if compile else _dense_losses
+
+    def compile_dense(self, **compile_kwargs) -> None:
+        """``torch.compile`` the dense part (focal + box losses over all anchors) with these options."""
+        self._dense_losses = torch.compile(_dense_losses, **compile_kwargs)
 
     def match(self, anchors: Tensor, targets: list):
         """Returns matched index ``[B, A]`` (>= 0 foreground, BACKGROUND, IGNORE),
@@ -87,8 +91,7 @@ class RetinaNetLoss(torch.nn.Module):
         matched, gt_boxes, gt_labels = self.match(anchors, targets)
         # Kept as a tensor (no .item()): the normaliser never forces a host sync.
         num_foreground = all_reduce_mean((matched >= 0).sum().float()).clamp(min=1.0)
-        dense_losses = _compiled_dense_losses() if self.compile else _dense_losses
-        cls_loss, box_loss = dense_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels,
+        cls_loss, box_loss = self._dense_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels,
                                           self.focal_alpha, self.focal_gamma, self.box_loss, self.smooth_l1_beta,
                                           self.bbox_reg_weights)
         return {"classification": cls_loss / num_foreground, "bbox_regression": box_loss / num_foreground}

@@ -70,6 +70,20 @@ class RetinaNet(nn.Module):
             self.topk_candidates, self.nms_thresh, self.detections_per_img, self.loss.bbox_reg_weights)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
+    def compile_parts(self, **compile_kwargs) -> "RetinaNet":
+        """``torch.compile`` the backbone, FPN, head and the dense part of the loss in place.
+
+        The parts with fixed shapes for a fixed input size are compiled; the per-image
+        pre-processing, matching and post-processing (varying box counts) stay eager.
+        Parameter names and the state dict are unchanged (``nn.Module.compile``), so
+        checkpoints load into compiled and eager models alike. ``compile_kwargs`` go to
+        ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ...).
+        """
+        for part in (self.backbone, self.fpn, self.head):
+            part.compile(**compile_kwargs)
+        self.loss.compile_dense(**compile_kwargs)
+        return self
+
 
 def _check_images(images) -> None:
     if not isinstance(images, (list, tuple)) or not images:
