@@ -106,18 +106,24 @@ class ResNetBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> list:
         """``[B, 3, H, W]`` -> ``[C3 [B, c3, H/8, W/8], C4 [.., H/16, ..], C5 [.., H/32, ..]]``."""
         body = self.body
+        cpu_training = self.training and images.device.type == "cpu"
         if not (self.fold_batchnorm and foldable(body.bn1)):
-            x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-            c2 = body.layer1(x)
-            c3 = body.layer2(c2)
-            c4 = body.layer3(c3)
-            c5 = body.layer4(c4)
-            return [c3, c4, c5]
-        # Frozen leading stages only run forward. On CPU their convs and the max-pool
-        # are faster in channels_last (oneDNN's native layout); the activations go back
-        # to NCHW where backward starts, since oneDNN's NHWC weight gradients of 3x3
-        # convs are slower on AVX2 CPUs.
-        num_frozen = self._num_frozen_stages() if self.training and images.device.type == "cpu" else 0
+            # Trainable BatchNorm: on CPU the whole trunk trains faster in channels_last
+            # (oneDNN's native layout: NHWC BatchNorm, 1x1 convs and max-pool gain more than
+            # the NHWC weight gradients of 3x3 convs lose; 7 % of a step, benchmarks/README.md).
+            # (CPU inference gets a channels_last batch from the model already.)
+            x = images.contiguous(memory_format=torch.channels_last) if cpu_training else images
+            x = body.maxpool(body.relu(body.bn1(body.conv1(x))))
+            outputs = []
+            for stage in _STAGES[::-1][1:]:  # layer1 .. layer4
+                x = getattr(body, stage)(x)
+                outputs.append(x)
+            # The FPN and heads get NCHW, where their 3x3 convs train faster.
+            return [c.contiguous() for c in outputs[1:]] if cpu_training else outputs[1:]
+        # Folded (frozen) norms: only the frozen leading stages, which run forward alone,
+        # gain from channels_last on CPU; trained stages have no BatchNorm left to speed
+        # up and keep NCHW for their 3x3 weight gradients.
+        num_frozen = self._num_frozen_stages() if cpu_training else 0
         x = images.contiguous(memory_format=torch.channels_last) if num_frozen else images
         x = body.maxpool(body.relu(self._folded("conv1", body.conv1, body.bn1, x)))
         outputs = []
