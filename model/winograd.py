@@ -9,8 +9,10 @@ Winograd convolution are Winograd convolutions), so all three products of a
 training step shrink by the same 2.25x in multiplications; the transforms
 themselves are additions and subtractions only.
 
-oneDNN has Winograd kernels only for AVX-512 CPUs; on AVX2 CPUs a RetinaNet head of
-3x3 convs over P3 dominates a training step, and this is what makes it cheaper.
+PyTorch's eager CPU convs run oneDNN's direct algorithm (its fp32 Winograd kernels
+need AVX-512 and are not selected), and a RetinaNet head of 3x3 convs over P3 is most
+of a training step: this makes it cheaper. The size thresholds below were measured
+on a 2-core AVX2 CPU; on other CPUs compare with ``build_retinanet(winograd=False)``.
 Transforms use exact coefficients (0, +-1, +-1/2), so results match ``F.conv2d`` to
 float rounding (tested against it in float64 and float32).
 """
