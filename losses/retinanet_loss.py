@@ -1,6 +1,4 @@
 """RetinaNet training loss for a padded batch: matching, targets, focal + box losses."""
-import functools
-
 import torch
 from torch import Tensor
 
@@ -58,7 +56,9 @@ class RetinaNetLoss(torch.nn.Module):
         self.smooth_l1_beta = 0.0 if box_loss == "l1" else smooth_l1_beta
         self.bbox_reg_weights = tuple(bbox_reg_weights)
         self.crowd_ioa_thresh = crowd_ioa_thresh
-        self._dense_losses = _compiled_dense_losses() if compile else _dense_losses
+        self._dense_losses = _dense_losses
+        if compile:
+            self.compile_dense()
 
     def compile_dense(self, **compile_kwargs) -> None:
         """``torch.compile`` the dense part (focal + box losses over all anchors) with these options."""
@@ -120,9 +120,3 @@ def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, match
         box_targets = encode_boxes(matched_boxes, anchors, bbox_reg_weights)
         per_anchor = smooth_l1_loss(box_deltas, box_targets, smooth_l1_beta).sum(dim=-1)
     return cls_loss, (per_anchor * foreground).sum()
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_dense_losses():
-    # Built on first use: importing this module must not pay for torch.compile.
-    return torch.compile(_dense_losses)
