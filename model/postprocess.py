@@ -58,6 +58,9 @@ def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_
         sorted by score, D <= detections_per_img.
     """
     batch = box_deltas.shape[0]
+    if isinstance(cls_logits, Tensor):
+        cls_logits = cls_logits.split(num_anchors_per_level, dim=1)
+    num_classes = cls_logits[0].shape[-1]
     logits, anchor_idx, labels = select_candidates(cls_logits, num_anchors_per_level, topk_candidates)
     scores = torch.sigmoid(logits.float())
     deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
@@ -71,7 +74,6 @@ def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_
     boxes, scores, labels, image_idx = boxes[keep], scores[keep], labels[keep], image_idx[keep]
     # One NMS call for the batch: (image, class) pairs form the groups, so boxes
     # of different images or classes never suppress each other.
-    num_classes = (cls_logits if isinstance(cls_logits, Tensor) else cls_logits[0]).shape[-1]
     kept = batched_nms(boxes, scores, image_idx * num_classes + labels, nms_thresh)
     kept_image = image_idx[kept]
     detections = []

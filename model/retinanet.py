@@ -50,8 +50,8 @@ class RetinaNet(nn.Module):
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, image_sizes, targets = self.transform(images, targets)
         # oneDNN's native layout is NHWC: on CPU, inference in channels_last skips a
-        # layout conversion around every conv. Training keeps ``channels_last`` as
-        # built, since NHWC weight gradients of 3x3 convs are slower on CPU.
+        # layout conversion around every conv. In training the trunk picks its own
+        # layout (model/backbone.py): NHWC weight gradients of 3x3 convs are slower on CPU.
         cpu_inference = not self.training and batch.device.type == "cpu"
         if self.channels_last or (self.inference_channels_last and cpu_inference):
             batch = batch.contiguous(memory_format=torch.channels_last)
