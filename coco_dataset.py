@@ -355,16 +355,14 @@ def collate_fn(batch):
     return list(images), list(targets)
 
 
-def build_dataset(split: str, args, train: bool) -> CocoDetection:
-    """``CocoDetection`` for ``args.data_path/annotations/instances_{split}.json`` + ``args.data_path/{split}``.
+def build_dataset(data_path, split: str, train: bool = False, hflip_prob: float = 0.5,
+                  filter_empty: bool = False) -> CocoDetection:
+    """``CocoDetection`` for ``data_path/annotations/instances_{split}.json`` + ``data_path/{split}``.
 
-    Training adds a horizontal flip (``args.hflip_prob``, default 0.5) and honours
-    ``args.filter_empty``; evaluation never filters, since every image counts for AP.
+    Training adds a horizontal flip (``hflip_prob``) and honours ``filter_empty``;
+    evaluation never filters, since every image counts for AP.
     """
-    root = Path(args.data_path)
-    transforms = None
-    if train:
-        hflip_prob = getattr(args, "hflip_prob", 0.5)
-        transforms = Compose([RandomHorizontalFlip(hflip_prob)]) if hflip_prob > 0 else None
+    root = Path(data_path)
+    transforms = Compose([RandomHorizontalFlip(hflip_prob)]) if train and hflip_prob > 0 else None
     return CocoDetection(root / split, root / "annotations" / f"instances_{split}.json", transforms=transforms,
-                         filter_empty=train and getattr(args, "filter_empty", False))
+                         filter_empty=train and filter_empty)

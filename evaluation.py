@@ -27,14 +27,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import coco_dataset
+from model.weights import build_detector, read_weights
 from utils import distributed
-from utils.checkpoint import load_model_from_checkpoint
+from utils.atomic_io import write_json_atomic
+from utils.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
+from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
+from utils.errors import UserError, exit_on_user_error
 from utils.loaders import build_eval_loader
-from utils.coco_eval import (format_metrics_table, per_category_metrics, predictions_to_coco_results,
-                             score_coco_results, write_json_atomic)
+from utils.logger import setup_logging
 from utils.pr_plot import plot_pr_curves
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("evaluation")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,23 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "next to the checkpoint (with --results: the results file's folder)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per process)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (per process)")
-    parser.add_argument("--amp", nargs="?", const="auto", choices=["auto", "fp16", "bf16"],
-                        help="autocast the forward pass; bare --amp = bf16 on CPU, fp16 on CUDA")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda'")
+    parser.add_argument("--amp", nargs="?", const="auto", default="none", choices=AMP_CHOICES,
+                        help="autocast the forward pass; auto (or a bare --amp) = fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--device", default="auto", help="auto (this rank's GPU if CUDA is there, else cpu), cpu, cuda")
     parser.add_argument("--plot", action="store_true", help="also save precision-recall curves (needs matplotlib)")
     return parser
-
-
-def _autocast_dtype(device: torch.device, amp):
-    """``amp`` (False/None, True/"auto", "fp16", "bf16") -> autocast dtype, or None for full precision."""
-    if not amp:
-        return None
-    if amp in (True, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
-    if device.type == "cpu" and dtype is torch.float16:
-        raise ValueError("fp16 autocast is a CUDA feature here; use --amp bf16 (or bare --amp) on CPU")
-    return dtype
 
 
 def _num_images(data_loader: DataLoader):
@@ -80,7 +71,7 @@ def _num_images(data_loader: DataLoader):
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_dir=None, amp=False,
+def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_dir=None, amp="none",
              show_progress: bool = True, plot: bool = False) -> dict:
     """Run ``model`` over ``data_loader`` and score the detections with COCOeval (bbox).
 
@@ -94,7 +85,7 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
             does not count the rest of the split as misses.
         label_to_cat_id: label k -> dataset category id (sequence or mapping).
         output_dir: if set, rank 0 writes ``results.json``, ``metrics.json`` (and PNGs with ``plot``).
-        amp: False, True/"auto" (bf16 on CPU, fp16 on CUDA), "fp16" or "bf16".
+        amp: ``--amp``: "none", "auto" (fp16 on CUDA, bf16 on CPU), "fp16" or "bf16" (``utils.device``).
 
     Returns:
         the 12 COCO figures (fraction or None, see ``utils.coco_eval``) plus ``"per_category"``.
@@ -102,7 +93,7 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
         take the same decision (best checkpoint, early stop) without another collective.
     """
     device = torch.device(device)
-    autocast_dtype = _autocast_dtype(device, amp)
+    dtype = autocast_dtype(amp, device)
     was_training = model.training
     model.eval()
     results_by_image = {}  # image_id -> COCO results; an image without detections still counts as evaluated
@@ -111,7 +102,7 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
     start = time.perf_counter()
     for images, targets in data_loader:
         images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, dtype):
             outputs = model(images)
         if len(outputs) != len(images):
             raise ValueError(f"model returned {len(outputs)} predictions for {len(images)} images")
@@ -160,7 +151,7 @@ def report(coco_gt: COCO, results: list, output_dir=None, plot: bool = False, im
 
 def _load_ground_truth(ann_file: Path) -> COCO:
     if not ann_file.is_file():
-        raise FileNotFoundError(f"ground truth {ann_file} not found; pass --data-path/--split or --ann-file")
+        raise UserError(f"ground truth {ann_file} not found; pass --data-path/--split or --ann-file")
     logger.info("loading ground truth %s", ann_file)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..." prints
         return COCO(str(ann_file))
@@ -170,63 +161,57 @@ def score_results_file(args) -> dict:
     """--results: score an existing COCO results JSON; no model, no checkpoint."""
     split = args.split or "val2017"
     if args.ann_file is None and args.data_path is None:
-        raise ValueError("--results needs the ground truth: pass --data-path (with --split) or --ann-file")
+        raise UserError("--results needs the ground truth: pass --data-path (with --split) or --ann-file")
     ann_file = Path(args.ann_file or Path(args.data_path) / "annotations" / f"instances_{split}.json")
     with open(args.results) as f:
         results = json.load(f)
     if not isinstance(results, list):
-        raise ValueError(f"{args.results} holds a JSON {type(results).__name__}; expected a COCO results list")
+        raise UserError(f"{args.results} holds a JSON {type(results).__name__}; expected a COCO results list")
     output_dir = args.output_dir or Path(args.results).parent
     return report(_load_ground_truth(ann_file), results, output_dir, plot=args.plot)
 
 
-def evaluate_checkpoint(args) -> dict:
+def evaluate_checkpoint(args, device: torch.device) -> dict:
     """--checkpoint / --weights: rebuild the model, build the split's loader (sharded under DDP), evaluate."""
-    if args.weights:
-        from model.weights import load_detector
-        model, categories = load_detector(args.weights)
-        saved_args, source = {}, args.weights
-        default_output = Path(args.weights).parent if os.path.isfile(args.weights) else Path(".")
-    else:
-        model, checkpoint = load_model_from_checkpoint(args.checkpoint, map_location="cpu")
-        categories, saved_args, source = checkpoint["categories"], checkpoint.get("args") or {}, args.checkpoint
-        default_output = Path(args.checkpoint).parent
+    source = read_weights(args.checkpoint or args.weights, what="checkpoint" if args.checkpoint else "weights file")
+    model, categories = build_detector(source)
+    saved_args = source.train_args or {}
+    spec = args.checkpoint or args.weights
+    default_output = Path(spec).parent if os.path.isfile(spec) else Path(".")
     data_path = args.data_path or saved_args.get("data_path")
     split = args.split or saved_args.get("val_split") or "val2017"
     if data_path is None:
-        raise ValueError("the checkpoint stores no data_path; pass --data-path")
-    # The saved args carry whatever else build_dataset reads; only the location is overridden.
-    dataset = coco_dataset.build_dataset(split, argparse.Namespace(**{**saved_args, "data_path": data_path}), train=False)
+        raise UserError(f"{spec} stores no data_path; pass --data-path")
+    dataset = coco_dataset.build_dataset(data_path, split)
     label_to_cat_id = [category["id"] for category in categories]
     unknown = sorted(set(label_to_cat_id) - set(dataset.coco.getCatIds()))
     if unknown:
-        raise ValueError(f"checkpoint category ids {unknown} are not in {split}'s annotations; "
-                         "was the model trained on another dataset?")
+        raise UserError(f"{spec}: category ids {unknown} are not in {split}'s annotations; "
+                        "was the model trained on another dataset?")
 
-    device = torch.device(args.device)
     # Shards under DDP; unreadable images are reported and skipped rather than ending the run.
     data_loader = build_eval_loader(dataset, args.batch_size, args.workers, distributed.get_rank(),
                                     distributed.get_world_size(), pin_memory=device.type == "cuda")
     output_dir = args.output_dir or default_output / f"eval_{split}"
     logger.info("evaluating %s on %s (%d images, %d process(es), device %s)",
-                source, split, len(dataset), distributed.get_world_size(), device)
-    return evaluate(model.to(device), data_loader, dataset.coco, label_to_cat_id, device,
+                spec, split, len(dataset), distributed.get_world_size(), device)
+    model = model.to(device).optimize_for(device)
+    return evaluate(model, data_loader, dataset.coco, label_to_cat_id, device,
                     output_dir=output_dir, amp=args.amp, plot=args.plot)
 
 
 def main(args) -> dict:
     """Returns the metrics (on every rank with --checkpoint; None off rank 0 with --results)."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    distributed.init_distributed_mode(args)  # on CUDA, pins args.device to this rank's GPU
-    logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING, format="%(message)s")
+    device = resolve_device(args.device, distributed.launched_by_torchrun().local_rank)
+    distributed.init_distributed_mode(device)
+    setup_logging(verbose=False)
     try:
         if args.results:  # scoring a file is one process's job
             return score_results_file(args) if distributed.is_main_process() else None
-        return evaluate_checkpoint(args)
+        return evaluate_checkpoint(args, device)
     finally:
         distributed.cleanup()
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    exit_on_user_error(main, get_args_parser().parse_args())

@@ -17,7 +17,6 @@ import glob
 import logging
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.checkpoint import CheckpointError, load_model_from_checkpoint
-from utils.coco_eval import write_json_atomic
+from model.weights import load_detector
+from utils.atomic_io import write_json_atomic
+from utils.checkpoint import CheckpointError
+from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
+from utils.errors import UserError, exit_on_user_error
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+from utils.logger import setup_logging
 from utils.visualize import draw_detections, save_image
 
 logger = logging.getLogger("inference")
@@ -39,7 +42,7 @@ EXAMPLES = """examples:
 """
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """Inputs or outputs the run cannot work with; the command line prints it as one line."""
 
 
@@ -65,8 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-format", default="jpg", choices=["jpg", "png"], help="format of the drawn images")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding worker processes")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
-    parser.add_argument("--amp", action="store_true", help="autocast the forward pass: fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--amp", nargs="?", const="auto", default="none", choices=AMP_CHOICES,
+                        help="autocast the forward pass; auto (or a bare --amp) = fp16 on CUDA, bf16 on CPU")
     return parser
 
 
@@ -145,20 +149,12 @@ def make_output_dir(output_dir) -> Path:
             number += 1
 
 
-def load_detector(args):
+def load_model(args):
     """``(model in eval mode on CPU, categories [{"id", "name"}] in label order)`` from --checkpoint or --weights."""
-    if args.checkpoint:
-        model, checkpoint = load_model_from_checkpoint(args.checkpoint, map_location="cpu")
-        categories = checkpoint.get("categories")
-        if not categories:
-            raise CheckpointError(f"{args.checkpoint} stores no 'categories': cannot name the classes")
-    else:
-        try:
-            from model.weights import load_detector as load_from_weights
-        except ImportError as exc:
-            raise InferenceError(f"--weights needs model/weights.py, which cannot be imported ({exc}); "
-                                 "use --checkpoint") from exc
-        model, categories = load_from_weights(args.weights, map_location="cpu")
+    model, categories = load_detector(args.checkpoint or args.weights, map_location="cpu",
+                                      what="checkpoint" if args.checkpoint else "weights file")
+    if args.checkpoint and not categories:
+        raise CheckpointError(f"{args.checkpoint} stores no 'categories': cannot name the classes")
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and len(categories) != num_classes:
         raise CheckpointError(f"the model has {num_classes} classes but {len(categories)} categories are named")
@@ -188,19 +184,10 @@ def keep_as_list(batch):
     return batch  # images differ in size; the model takes a list
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InferenceError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
-
-
 @torch.inference_mode()
-def predict(model, images, device: torch.device, amp: bool) -> list:
+def predict(model, images, device: torch.device, amp_dtype=None) -> list:
     """Model outputs on the CPU in float32, boxes ``[D, 4]`` in each image's own pixels."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    with torch.autocast(device.type, dtype=dtype, enabled=amp):
+    with autocast(device, amp_dtype):
         outputs = model([image.to(device, non_blocking=True) for image in images])
     return [{key: output[key].float().cpu() if key != "labels" else output[key].cpu()
              for key in ("boxes", "scores", "labels")} for output in outputs]
@@ -224,13 +211,15 @@ def main(args) -> dict:
         raise InferenceError(f"no image files found in --input {' '.join(args.input)}")
     names = output_names(paths, args.image_format)
     check_outputs(args.output_dir, names, paths, args.overwrite)
-    device = select_device(args.device)
-    model, categories = load_detector(args)
-    model.to(device)
+    device = resolve_device(args.device)
+    amp_dtype = autocast_dtype(args.amp, device)
+    model, categories = load_model(args)
+    model.to(device).optimize_for(device)
     output_dir = make_output_dir(args.output_dir)
     loader = DataLoader(ImageFiles(paths), batch_size=args.batch_size, num_workers=min(args.workers, len(paths)),
                         collate_fn=keep_as_list, pin_memory=device.type == "cuda")
-    logger.info("%d images -> %s (device %s%s)", len(paths), output_dir, device, ", amp" if args.amp else "")
+    logger.info("%d images -> %s (device %s%s)", len(paths), output_dir, device,
+                f", autocast {amp_dtype}" if amp_dtype else "")
 
     class_names = [category["name"] for category in categories]
     records, num_detections, model_seconds = [], 0, 0.0
@@ -244,7 +233,7 @@ def main(args) -> dict:
             readable = [(index, image) for index, image, error in batch if error is None]
             if readable:
                 model_start = time.perf_counter()
-                outputs = predict(model, [image for _, image in readable], device, args.amp)
+                outputs = predict(model, [image for _, image in readable], device, amp_dtype)
                 model_seconds += time.perf_counter() - model_start
                 for (index, image), output in zip(readable, outputs):
                     keep = output["scores"] >= args.score_threshold
@@ -269,8 +258,5 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        main(get_args_parser().parse_args())
-    except (InferenceError, CheckpointError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    setup_logging(verbose=False)
+    exit_on_user_error(main, get_args_parser().parse_args())

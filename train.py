@@ -6,209 +6,251 @@
 import argparse
 import logging
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
 import coco_dataset
-from engine import train_one_epoch
-from model import BACKBONES, build_retinanet
-from presets import apply_preset
+from engine import TrainState, train_one_epoch
+from evaluation import evaluate
+from model import BACKBONES, RetinaNet
+from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
+from recipes import DEMO_DATASET, RECIPES, option_help, resolve_config
 from utils import distributed as dist_utils
 from utils.checkpoint import (checkpoint_path, find_resumable_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
+from utils.demo_data import ensure_demo_dataset
+from utils.device import AMP_CHOICES, autocast_dtype, resolve_device
+from utils.errors import ConfigError, exit_on_user_error
 from utils.loaders import build_eval_loader, build_train_loader
 from utils.logger import MetricWriter, setup_logging
-from utils.preemption import StopRequest
 from utils.lr_schedule import WarmupSchedule
+from utils.preemption import StopRequest
+from utils.rng import restore_rng, rng_state, seed_everything
 
-logger = logging.getLogger("retinanet")
+logger = logging.getLogger("train")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("RetinaNet training", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Options left at None take the COCO preset with --data-path, "
-                                            "the demo preset without (see presets.py).")
+    """Every option defaults to None (= not given): the recipe and the defaults fill it in (recipes.py)."""
+    p = argparse.ArgumentParser("RetinaNet training", description="Options not given take the recipe's value "
+                                "(--recipe coco|demo, see recipes.py), else the default shown.")
+    h = option_help
     data = p.add_argument_group("data")
-    data.add_argument("--data-path", default=None, help="COCO-format ROOT (annotations/instances_SPLIT.json + "
-                      "SPLIT/ images); omit to generate and train on the built-in demo dataset")
-    data.add_argument("--train-split", default=None, help="training split name (COCO: train2017)")
-    data.add_argument("--val-split", default=None, help="validation split name (COCO: val2017)")
-    data.add_argument("--filter-empty", action="store_true", help="drop training images without boxes")
-    data.add_argument("--no-aspect-ratio-grouping", dest="aspect_ratio_grouping", action="store_false",
+    data.add_argument("--recipe", choices=sorted(RECIPES), help="coco: the paper's 1x schedule (default with "
+                      "--data-path); demo: from scratch, CPU-friendly (default without)")
+    data.add_argument("--data-path", help="COCO-format ROOT (annotations/instances_SPLIT.json + SPLIT/ images); "
+                      "omit to generate and train on the built-in demo dataset")
+    data.add_argument("--train-split", help=h("train_split", "training split name"))
+    data.add_argument("--val-split", help=h("val_split", "validation split name"))
+    data.add_argument("--filter-empty", action="store_true", default=None, help="drop training images without boxes")
+    data.add_argument("--no-aspect-ratio-grouping", dest="aspect_ratio_grouping", action="store_false", default=None,
                       help="mix wide and tall images in a batch")
-    data.add_argument("--hflip-prob", type=float, default=0.5, help="horizontal flip probability")
-    data.add_argument("--workers", type=int, default=None, help="data loading processes per GPU")
-    data.add_argument("--max-bad-images", type=float, default=0.001,
-                      help="stop when more unreadable images than this were skipped (fraction if < 1, else a count)")
+    data.add_argument("--hflip-prob", type=float, help=h("hflip_prob", "horizontal flip probability"))
+    data.add_argument("--workers", type=int, help=h("workers", "data loading processes per GPU"))
+    data.add_argument("--max-bad-images", type=float, help="stop when more unreadable images than this were "
+                      "skipped: a fraction of the dataset if < 1, else a count (default: 0.1 %%, at least 10)")
     mdl = p.add_argument_group("model")
-    mdl.add_argument("--weights", default=None,
-                     help="fine-tune from detection weights: one of our checkpoints, a torchvision RetinaNet "
-                          "state-dict file or weights name (RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1); the "
-                          "architecture follows the weights, every tensor but the last classifier layer is loaded, "
-                          "and classifier rows of categories whose names match are kept")
-    mdl.add_argument("--backbone", default=None, choices=sorted(BACKBONES), help="trunk (COCO: resnet50)")
-    mdl.add_argument("--pretrained-backbone", default=None,
-                     help="ImageNet weights: torchvision tag (DEFAULT, IMAGENET1K_V1), a .pth path, or 'none'")
-    mdl.add_argument("--trainable-backbone-layers", type=int, default=3, help="stages trained with frozen BN (0-5)")
-    mdl.add_argument("--fpn-channels", type=int, default=None, help="FPN and head width (COCO: 256)")
-    mdl.add_argument("--num-extra-levels", type=int, default=None, help="2 = P6+P7 (COCO), 0 = P3-P5")
-    mdl.add_argument("--anchor-base-sizes", type=int, nargs="+", default=None, help="anchor size per level")
-    mdl.add_argument("--p6-from", default="c5", choices=["c5", "p5"], help="P6 input")
-    mdl.add_argument("--head-convs", type=int, default=None, help="convs per head tower (COCO: 4)")
-    mdl.add_argument("--head-norm", default=None, choices=["none", "gn"], help="head tower normalisation")
-    mdl.add_argument("--min-size", type=int, nargs="+", default=None,
-                     help="shorter side; several values = multi-scale training (COCO: 800)")
-    mdl.add_argument("--max-size", type=int, default=None, help="longer side cap (COCO: 1333)")
-    mdl.add_argument("--box-loss", default="smooth_l1", choices=["smooth_l1", "l1", "giou"], help="box loss")
-    mdl.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for a trainable-BN backbone under DDP")
+    mdl.add_argument("--weights", help="fine-tune from detection weights: one of our checkpoints, a torchvision "
+                     "RetinaNet state-dict file or weights name (RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1); the "
+                     "architecture follows the weights (an architecture flag that contradicts them is an error), "
+                     "every tensor but the last classifier layer is loaded, classifier rows of categories whose "
+                     "names match are kept")
+    mdl.add_argument("--backbone", choices=sorted(BACKBONES), help=h("backbone", "trunk"))
+    mdl.add_argument("--pretrained-backbone", help=h("pretrained_backbone", "ImageNet weights: torchvision tag "
+                     "(DEFAULT, IMAGENET1K_V1), a .pth path, or 'none'"))
+    mdl.add_argument("--trainable-backbone-layers", type=int,
+                     help=h("trainable_backbone_layers", "stages trained with frozen BN (0-5)"))
+    mdl.add_argument("--fpn-channels", type=int, help=h("fpn_channels", "FPN and head width"))
+    mdl.add_argument("--num-extra-levels", type=int, help=h("num_extra_levels", "2 = P6+P7, 0 = P3-P5"))
+    mdl.add_argument("--anchor-base-sizes", type=int, nargs="+", help=h("anchor_base_sizes", "anchor size per level"))
+    mdl.add_argument("--p6-from", choices=["c5", "p5"], help=h("p6_from", "P6 input"))
+    mdl.add_argument("--head-convs", type=int, help=h("head_convs", "convs per head tower"))
+    mdl.add_argument("--head-norm", choices=["none", "gn"], help=h("head_norm", "head tower normalisation"))
+    mdl.add_argument("--min-size", type=int, nargs="+",
+                     help=h("min_size", "shorter side; several values = multi-scale training"))
+    mdl.add_argument("--max-size", type=int, help=h("max_size", "longer side cap"))
+    mdl.add_argument("--box-loss", choices=["smooth_l1", "l1", "giou"], help=h("box_loss", "box loss"))
+    mdl.add_argument("--sync-bn", action="store_true", default=None,
+                     help="SyncBatchNorm for a trainable-BN backbone under DDP")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, default=None, help="total batch over all GPUs (COCO: 16)")
-    opt.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="optimizer (COCO: sgd)")
-    opt.add_argument("--lr", type=float, default=None,
-                     help="learning rate at --batch-size; SGD default 0.01 x batch/16 (linear scaling)")
-    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    opt.add_argument("--weight-decay", type=float, default=None, help="weight decay (COCO: 1e-4)")
-    opt.add_argument("--epochs", type=int, default=None, help="training epochs (COCO 1x: 12)")
-    opt.add_argument("--schedule", default=None, choices=["1x", "3x", "steps", "cosine"],
-                     help="1x: 12 ep, x0.1 at 8 and 11; 3x: 36 ep, at 27 and 33; steps: --lr-steps; cosine")
-    opt.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs of x0.1 decay ('steps')")
-    opt.add_argument("--warmup-iters", type=int, default=None, help="linear warmup iterations (COCO: 1000)")
-    opt.add_argument("--warmup-factor", type=float, default=1e-3, help="warmup starts at lr x this")
-    opt.add_argument("--clip-grad-norm", type=float, default=0.0, help="max gradient norm (0 = off)")
+    opt.add_argument("--batch-size", type=int, help=h("batch_size", "total batch over all GPUs"))
+    opt.add_argument("--optimizer", choices=["sgd", "adamw"], help=h("optimizer", "optimizer"))
+    opt.add_argument("--lr", type=float, help=h("lr", "learning rate at --batch-size; SGD: 0.01 x batch/16 "
+                     "(linear scaling), AdamW: 1e-4 x batch/16"))
+    opt.add_argument("--momentum", type=float, help=h("momentum", "SGD momentum"))
+    opt.add_argument("--weight-decay", type=float, help=h("weight_decay", "weight decay"))
+    opt.add_argument("--epochs", type=int, help="training epochs (default: from --schedule; 1x: 12, 3x: 36; demo: 4)")
+    opt.add_argument("--schedule", choices=["1x", "3x", "steps", "cosine"],
+                     help=h("schedule", "1x: 12 ep, x0.1 at 8 and 11; 3x: 36 ep, at 27 and 33; steps: --lr-steps"))
+    opt.add_argument("--lr-steps", type=int, nargs="+", help="epochs of x0.1 decay (--schedule steps)")
+    opt.add_argument("--warmup-iters", type=int, help=h("warmup_iters", "linear warmup iterations"))
+    opt.add_argument("--warmup-factor", type=float, help=h("warmup_factor", "warmup starts at lr x this"))
+    opt.add_argument("--clip-grad-norm", type=float, help=h("clip_grad_norm", "max gradient norm (0 = off)"))
     run = p.add_argument_group("runtime")
-    run.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cuda, cpu")
-    run.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="mixed precision")
-    run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    run.add_argument("--compile", action="store_true",
+    run.add_argument("--device", help=h("device", "auto (this rank's GPU if CUDA is there, else cpu), cuda, cpu"))
+    run.add_argument("--amp", choices=AMP_CHOICES, help=h("amp", "mixed precision (auto: fp16 on CUDA, bf16 on CPU)"))
+    run.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile backbone, FPN, heads and the dense loss (GPU runs at a fixed size; "
                           "the first iterations compile)")
-    run.add_argument("--seed", type=int, default=42, help="random seed (each rank uses seed + rank)")
-    run.add_argument("--output-dir", default=None, help="checkpoints and logs (default: output/demo or output/coco)")
-    run.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest valid one in --output-dir")
-    run.add_argument("--eval-interval", type=int, default=None, help="evaluate every N epochs (0 = only at the end)")
-    run.add_argument("--eval-only", action="store_true", help="evaluate the resumed weights and exit")
-    run.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N iterations (0 = per epoch)")
-    run.add_argument("--keep-checkpoints", type=int, default=2, help="training checkpoints kept on disk")
-    run.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations (0 = no limit; smoke tests)")
-    run.add_argument("--max-non-finite", type=int, default=5,
-                     help="stop after this many non-finite losses in a row (each one's step is skipped)")
-    run.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
-    run.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
+    run.add_argument("--seed", type=int, help=h("seed", "random seed (each rank uses seed + rank)"))
+    run.add_argument("--output-dir", help=h("output_dir", "checkpoints and logs"))
+    run.add_argument("--resume", help="checkpoint path, or 'auto' for the newest valid one in --output-dir")
+    run.add_argument("--eval-interval", type=int, help=h("eval_interval", "evaluate every N epochs (0 = at the end)"))
+    run.add_argument("--eval-only", action="store_true", default=None, help="evaluate the resumed weights and exit")
+    run.add_argument("--checkpoint-every", type=int,
+                     help=h("checkpoint_every", "also checkpoint every N iterations (0 = per epoch)"))
+    run.add_argument("--keep-checkpoints", type=int, help=h("keep_checkpoints", "training checkpoints kept on disk"))
+    run.add_argument("--max-iters", type=int, help=h("max_iters", "stop after this many iterations (0 = no limit)"))
+    run.add_argument("--max-non-finite", type=int,
+                     help=h("max_non_finite", "stop after this many non-finite losses in a row (each is skipped)"))
+    run.add_argument("--print-freq", type=int, help=h("print_freq", "log every N iterations"))
+    run.add_argument("--num-threads", type=int, help=h("num_threads", "CPU threads for torch (0 = torch default)"))
     return p
 
 
-def main(args):
-    dist_utils.init_distributed_mode(_resolve_device(args))
-    apply_preset(args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(args.output_dir)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    logger.info("%s", {k: v for k, v in vars(args).items()})
-    seed = args.seed + args.rank
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    device = torch.device(args.device)
+def main(config):
+    device = resolve_device(config.device, dist_utils.launched_by_torchrun().local_rank)
+    dist = dist_utils.init_distributed_mode(device)
+    setup_logging(config.output_dir)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    logger.info("recipe %s, %d process(es) on %s: %s", config.recipe, dist.world_size, device, config.to_dict())
+    if config.demo_data:
+        if dist_utils.is_main_process():
+            ensure_demo_dataset(config.data_path, **DEMO_DATASET)
+        dist_utils.barrier()
+    seed_everything(config.seed + dist.rank)
 
-    train_set = coco_dataset.build_dataset(args.train_split, args, train=True)
-    val_set = coco_dataset.build_dataset(args.val_split, args, train=False)
-    model = _build_model(args, train_set).to(device)
-    if args.compile:
+    train_set = coco_dataset.build_dataset(config.data_path, config.train_split, train=True,
+                                           hflip_prob=config.hflip_prob, filter_empty=config.filter_empty)
+    val_set = coco_dataset.build_dataset(config.data_path, config.val_split)
+    model = build_model(config, train_set).to(device).optimize_for(device, channels_last=config.channels_last)
+    if config.compile:
         model.compile_parts()
-    if args.sync_bn and args.distributed:
+    if config.sync_bn and dist.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.local_rank] if device.type == "cuda" else None)
+    if dist.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
 
-    per_process_batch = max(args.batch_size // args.world_size, 1)
-    train_loader = build_train_loader(train_set, per_process_batch, args.workers, args.seed, args.rank,
-                                      args.world_size, args.aspect_ratio_grouping, pin_memory=device.type == "cuda")
-    val_loader = build_eval_loader(val_set, max(per_process_batch, 2), args.workers, args.rank, args.world_size,
-                                   pin_memory=device.type == "cuda")
+    per_process_batch = max(config.batch_size // dist.world_size, 1)
+    pin_memory = device.type == "cuda"
+    train_loader = build_train_loader(train_set, per_process_batch, config.workers, config.seed, dist.rank,
+                                      dist.world_size, config.aspect_ratio_grouping, pin_memory=pin_memory)
+    val_loader = build_eval_loader(val_set, max(per_process_batch, 2), config.workers, dist.rank, dist.world_size,
+                                   pin_memory=pin_memory)
     iters_per_epoch = len(train_loader.batch_sampler.batch_sampler)
-    args.num_train_images = len(train_set)
-    optimizer, lr_scheduler = _build_optimizer(model_without_ddp, args, iters_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    optimizer, lr_scheduler = build_optimizer(model_without_ddp, config, iters_per_epoch)
+    amp_dtype = autocast_dtype(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
-    start_epoch, start_batch, iteration = 0, 0, 0
-    checkpoint = _resume_checkpoint(args)
+    state = TrainState()
+    checkpoint = _resume_checkpoint(config)
     if checkpoint is not None:
         model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_batch = checkpoint["epoch"], checkpoint.get("batch_in_epoch", 0)
-        iteration = checkpoint["iteration"]
-        _restore_rng(checkpoint.get("rng"))
-        logger.info("resumed at epoch %d, batch %d, iteration %d", start_epoch, start_batch, iteration)
+        state = TrainState.from_checkpoint(checkpoint)
+        restore_rng(checkpoint.get("rng"))
+        logger.info("resumed at epoch %d, batch %d, iteration %d (%d bad images, %d non-finite steps so far)",
+                    state.epoch, state.batch_in_epoch, state.iteration, state.bad_images, state.non_finite_steps)
 
-    categories = train_set.categories
-    writer = MetricWriter(args.output_dir)
-    if args.eval_only:
-        _evaluate(model_without_ddp, val_loader, val_set, device, args, writer, start_epoch, iteration)
+    writer = MetricWriter(config.output_dir)
+
+    def run_evaluation(epoch: int):
+        metrics = evaluate(model_without_ddp, val_loader, val_set.coco, [c["id"] for c in val_set.categories],
+                           device, output_dir=os.path.join(config.output_dir, f"eval_{config.val_split}"),
+                           amp=config.amp)
+        if metrics is not None and dist_utils.is_main_process():
+            writer.write({"type": "eval", "epoch": epoch, "iteration": state.iteration,
+                          **{k: v for k, v in metrics.items() if k != "per_category"}}, step=state.iteration)
+            logger.info("epoch %d  AP %s  AP50 %s  AP75 %s", epoch, *(f"{metrics[k]:.4f}" if metrics[k] is not None
+                                                                      else "n/a" for k in ("AP", "AP50", "AP75")))
+        model_without_ddp.train()
+
+    if config.eval_only:
+        run_evaluation(state.epoch)
         return
 
-    def save(epoch, batch_in_epoch, iteration):
-        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                 "batch_in_epoch": batch_in_epoch, "iteration": iteration, "args": _plain_args(args),
-                 "model_config": model_without_ddp.config, "categories": categories, "rng": _rng_state()}
+    def save(current: TrainState):
         if dist_utils.is_main_process():
-            save_checkpoint(state, checkpoint_path(args.output_dir, epoch, iteration))
-            prune_checkpoints(args.output_dir, args.keep_checkpoints)
+            save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                             "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             **current.to_dict(), "args": {**config.to_dict(), "world_size": dist.world_size},
+                             "model_config": model_without_ddp.config, "categories": train_set.categories,
+                             "rng": rng_state()},
+                            checkpoint_path(config.output_dir, current.epoch, current.iteration))
+            prune_checkpoints(config.output_dir, config.keep_checkpoints)
 
     stop_request = StopRequest().install()
-    logger.info("training %d epochs of %d iterations, %d images", args.epochs, iters_per_epoch, len(train_set))
+    logger.info("training %d epochs of %d iterations, %d images", config.epochs, iters_per_epoch, len(train_set))
     start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.batch_sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        iteration, finished = train_one_epoch(model, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
-                                              iteration, args, writer, save, stop_request)
+    while state.epoch < config.epochs:
+        train_loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)
+        state, finished = train_one_epoch(model, optimizer, lr_scheduler, scaler, train_loader, device, state,
+                                          config, writer, save, stop_request,
+                                          config.bad_image_limit(len(train_set)), amp_dtype)
         if not finished:  # --max-iters, or SIGTERM / SIGINT: the checkpoint is written, exit cleanly
-            logger.info("stopped at iteration %d; continue with --resume auto --output-dir %s", iteration,
-                        args.output_dir)
+            logger.info("stopped at iteration %d; continue with --resume auto --output-dir %s", state.iteration,
+                        config.output_dir)
             writer.close()
             dist_utils.cleanup()
             return
-        save(epoch + 1, 0, iteration)
-        last = epoch + 1 == args.epochs
-        if last or (args.eval_interval and (epoch + 1) % args.eval_interval == 0):
-            _evaluate(model_without_ddp, val_loader, val_set, device, args, writer, epoch + 1, iteration)
+        save(state)
+        if state.epoch == config.epochs or (config.eval_interval and state.epoch % config.eval_interval == 0):
+            run_evaluation(state.epoch)
     logger.info("training time %.1f min", (time.time() - start_time) / 60)
     _check_ranks_agree(model_without_ddp)
     if dist_utils.is_main_process():
-        final = os.path.join(args.output_dir, "model_final.pth")
+        final = os.path.join(config.output_dir, "model_final.pth")
         save_checkpoint({"model": model_without_ddp.state_dict(), "model_config": model_without_ddp.config,
-                         "categories": categories, "args": _plain_args(args), "iteration": iteration}, final)
+                         "categories": train_set.categories, "args": {**config.to_dict(),
+                                                                      "world_size": dist.world_size},
+                         "iteration": state.iteration}, final)
         logger.info("final weights: %s\n  evaluate:  python evaluation.py --checkpoint %s\n"
                     "  inference: python inference.py --checkpoint %s --input %s --output-dir %s",
-                    final, final, final, os.path.join(args.data_path, args.val_split),
-                    os.path.join(args.output_dir, "detections"))
+                    final, final, final, os.path.join(config.data_path, config.val_split),
+                    os.path.join(config.output_dir, "detections"))
     writer.close()
     dist_utils.cleanup()
 
 
-# Options that describe the network itself: with --weights they come from the weights.
-_ARCHITECTURE_KEYS = ("backbone", "backbone_norm", "trainable_backbone_layers", "fpn_channels", "num_extra_levels",
-                      "p6_from", "head_convs", "head_norm", "anchor_base_sizes", "scales_per_octave", "aspect_ratios",
-                      "size_divisible", "box_loss")
-
-
-def _build_model(args, train_set):
-    if not args.weights:
-        return build_retinanet(num_classes=train_set.num_classes, **args.model_kwargs)
-    from model.weights import load_pretrained_for_finetuning, read_weights
-    source_config = read_weights(args.weights).model_config
-    kwargs = {**args.model_kwargs, "pretrained_backbone": None,
-              **{k: source_config[k] for k in _ARCHITECTURE_KEYS if k in source_config}}
-    model = build_retinanet(num_classes=train_set.num_classes, **kwargs)
-    report = load_pretrained_for_finetuning(model, args.weights, train_set.categories)
-    logger.info("fine-tuning from %s: %d tensors loaded, classes kept %s, new classes %s", args.weights,
+def build_model(config, train_set) -> RetinaNet:
+    """The configured model for ``train_set``'s classes; with ``--weights``, initialised from them."""
+    if not config.weights:
+        return RetinaNet.from_config(config.model.replace(num_classes=train_set.num_classes),
+                                     config.pretrained_backbone)
+    if "pretrained_backbone" in config.given and config.pretrained_backbone:
+        raise ConfigError("--pretrained-backbone and --weights exclude each other: the weights hold the backbone")
+    source = read_weights(config.weights)
+    try:
+        model_config = configure_from_weights(source.config, dict(config.weights_overrides), source.name)
+    except ArchitectureConflict as exc:
+        flag = "--" + exc.field.replace("_", "-")
+        raise ConfigError(f"{flag} {exc.given} contradicts --weights {config.weights}, whose architecture has "
+                          f"{exc.field} = {exc.weights_value}; leave {flag} out to fine-tune that architecture") from None
+    model = RetinaNet.from_config(model_config.replace(num_classes=train_set.num_classes))
+    report = load_pretrained_for_finetuning(model, source, train_set.categories)
+    logger.info("fine-tuning from %s: %d tensors loaded, classes kept %s, new classes %s", config.weights,
                 len(report["loaded"]), report["copied_classes"], report["new_classes"])
     return model
+
+
+def build_optimizer(model, config, iters_per_epoch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = config.epochs * iters_per_epoch
+    schedule = WarmupSchedule(total, [s * iters_per_epoch for s in config.lr_steps],
+                              "cosine" if config.schedule == "cosine" else "step",
+                              warmup_iters=min(config.warmup_iters, total), warmup_factor=config.warmup_factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def _check_ranks_agree(model) -> None:
@@ -226,78 +268,20 @@ def _check_ranks_agree(model) -> None:
     logger.info("all %d ranks agree on the final weights (checksum %.6f)", len(checksums), checksum)
 
 
-def _resolve_device(args):
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return args
-
-
-def _build_optimizer(model, args, iters_per_epoch: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    total = args.epochs * iters_per_epoch
-    schedule = WarmupSchedule(total, [s * iters_per_epoch for s in args.lr_steps],
-                              "cosine" if args.schedule == "cosine" else "step",
-                              warmup_iters=min(args.warmup_iters, total), warmup_factor=args.warmup_factor)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def _resume_checkpoint(args):
+def _resume_checkpoint(config):
+    resume = config.resume
     # torchrun --max-restarts relaunches the same command after a failure: pick up
     # from the newest checkpoint instead of starting over.
-    if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        args.resume = "auto"
-    if not args.resume:
+    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"
+    if not resume:
         return None
-    if args.resume == "auto":
-        path, checkpoint = find_resumable_checkpoint(args.output_dir)
-        if path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting fresh", args.output_dir)
-        else:
-            logger.info("--resume auto: %s", path)
+    if resume == "auto":
+        path, checkpoint = find_resumable_checkpoint(config.output_dir)
+        logger.info("--resume auto: %s", path or f"no checkpoint in {config.output_dir}, starting fresh")
         return checkpoint
-    return load_checkpoint(args.resume)
-
-
-def _evaluate(model, loader, dataset, device, args, writer, epoch, iteration):
-    from evaluation import evaluate
-    label_to_cat_id = [c["id"] for c in dataset.categories]
-    metrics = evaluate(model, loader, dataset.coco, label_to_cat_id, device,
-                       output_dir=os.path.join(args.output_dir, f"eval_{args.val_split}"),
-                       amp=args.amp != "none")
-    if metrics is not None and dist_utils.is_main_process():
-        record = {"type": "eval", "epoch": epoch, "iteration": iteration,
-                  **{k: v for k, v in metrics.items() if k != "per_category"}}
-        writer.write(record, step=iteration)
-        logger.info("epoch %d  AP %s  AP50 %s  AP75 %s", epoch,
-                    *(f"{metrics[k]:.4f}" if metrics[k] is not None else "n/a" for k in ("AP", "AP50", "AP75")))
-    model.train()
-    return metrics
-
-
-def _plain_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-
-
-def _rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
-            "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _restore_rng(state) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return load_checkpoint(resume)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    exit_on_user_error(lambda: main(resolve_config(get_args_parser().parse_args())))

@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.atomic_io import write_json_atomic  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
 
 from model import BACKBONES, build_retinanet  # noqa: E402
 
@@ -287,7 +288,7 @@ def print_table(report: dict, args) -> None:
 def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.amp == "fp16" and device.type == "cpu":
         raise ValueError("--amp fp16 is for CUDA; use --amp bf16 on CPU")
     eval_batch_size = args.eval_batch_size or args.batch_size
@@ -305,7 +306,9 @@ def main(args) -> dict:
     for name, builder in (("ours", build_ours), ("torchvision", build_torchvision_retinanet)):
         torch.manual_seed(args.seed)
         model = builder(args).to(device)
-        if args.channels_last:
+        if name == "ours":  # the execution choices train.py, evaluation.py and inference.py make
+            model.optimize_for(device, channels_last=args.channels_last)
+        elif args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         runners.append(Runner(name, model, args, device, (images, targets, eval_images)))
 

@@ -92,7 +92,7 @@ def main(args) -> dict:
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     _ensure_data(args)
-    dataset = coco_dataset.build_dataset(args.split, args, train=True)
+    dataset = coco_dataset.build_dataset(args.data_path, args.split, train=True)
     print(f"{args.data_path} [{args.split}]: {len(dataset)} images, batch {args.batch_size}, "
           f"{args.batches} timed batches per setting, {os.cpu_count()} CPUs")
     print(f"{'workers':>8s} {'images/s':>10s} {'ms/batch (median)':>18s} {'first batch s':>14s}")

@@ -3,10 +3,11 @@ import torch
 from torch import Tensor
 
 from losses.box_losses import giou_loss, smooth_l1_loss
-from losses.focal_loss import focal_loss_from_labels
-from model.matcher import BACKGROUND, IGNORE, match_anchors
-from utils.boxes import box_ioa, box_iou, decode_boxes, encode_boxes
+from ops.focal_loss import focal_loss_from_labels
+from utils.box_coder import BoxCoder
+from utils.boxes import box_ioa, box_iou
 from utils.distributed import all_reduce_mean
+from utils.matcher import BACKGROUND, IGNORE, match_anchors
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
 
@@ -33,36 +34,38 @@ class RetinaNetLoss(torch.nn.Module):
     least 1 -- the paper's normalisation.
 
     Args:
+        box_coder: the detector's :class:`utils.box_coder.BoxCoder` (targets are encoded,
+            and GIoU predictions decoded, exactly as the detector decodes).
         box_loss: "smooth_l1" (beta ``smooth_l1_beta``, 1/9 in the paper), "l1" or "giou".
         crowd_ioa_thresh: anchors covered more than this by a crowd region are
             ignored instead of being trained as background.
-        compile: run the dense part (focal + box losses over all anchors) through
-            ``torch.compile``, which fuses it into a few kernels (useful on GPU; on
-            CPU the eager chunked focal loss is already about as fast).
+
+    ``compile_dense()`` runs the dense part (focal + box losses over all anchors) through
+    ``torch.compile``, which fuses it into a few kernels (useful on GPU; on CPU the eager
+    chunked focal loss is already about as fast).
     """
 
-    def __init__(self, num_classes: int, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
-                 allow_low_quality_matches: bool = True, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
-                 bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), crowd_ioa_thresh: float = 0.5, compile: bool = False):
+    def __init__(self, num_classes: int, box_coder: BoxCoder = None, fg_iou_thresh: float = 0.5,
+                 bg_iou_thresh: float = 0.4, allow_low_quality_matches: bool = True, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
+                 crowd_ioa_thresh: float = 0.5):
         super().__init__()
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
         self.num_classes = num_classes
+        self.box_coder = box_coder or BoxCoder()
         self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
         self.allow_low_quality_matches = allow_low_quality_matches
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_loss = box_loss
         self.smooth_l1_beta = 0.0 if box_loss == "l1" else smooth_l1_beta
-        self.bbox_reg_weights = tuple(bbox_reg_weights)
         self.crowd_ioa_thresh = crowd_ioa_thresh
         self._dense_losses = _dense_losses
-        if compile:
-            self.compile_dense()
 
-    def compile_dense(self, **compile_kwargs) -> None:
+    def compile_dense(self, **compile_kwargs) -> "RetinaNetLoss":
         """``torch.compile`` the dense part (focal + box losses over all anchors) with these options."""
         self._dense_losses = torch.compile(_dense_losses, **compile_kwargs)
+        return self
 
     def match(self, anchors: Tensor, targets: list):
         """Returns matched index ``[B, A]`` (>= 0 foreground, BACKGROUND, IGNORE),
@@ -92,14 +95,14 @@ class RetinaNetLoss(torch.nn.Module):
         # Kept as a tensor (no .item()): the normaliser never forces a host sync.
         num_foreground = all_reduce_mean((matched >= 0).sum().float()).clamp(min=1.0)
         cls_loss, box_loss = self._dense_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels,
-                                          self.focal_alpha, self.focal_gamma, self.box_loss, self.smooth_l1_beta,
-                                          self.bbox_reg_weights)
+                                                self.focal_alpha, self.focal_gamma, self.box_loss,
+                                                self.smooth_l1_beta, self.box_coder)
         return {"classification": cls_loss / num_foreground, "bbox_regression": box_loss / num_foreground}
 
 
 def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, matched: Tensor, gt_boxes: Tensor,
                   gt_labels: Tensor, focal_alpha: float, focal_gamma: float, box_loss: str, smooth_l1_beta: float,
-                  bbox_reg_weights: tuple) -> tuple:
+                  box_coder: BoxCoder) -> tuple:
     """Summed (classification, box) losses of a matched batch; ``matched`` is ``[B, A]``."""
     foreground = matched >= 0  # [B, A]
     valid = matched != IGNORE
@@ -114,9 +117,9 @@ def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, match
     # Background anchors regress onto themselves so their (masked-out) terms stay finite.
     matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors)
     if box_loss == "giou":
-        pred_boxes = decode_boxes(box_deltas, anchors, bbox_reg_weights)
+        pred_boxes = box_coder.decode(box_deltas, anchors)
         per_anchor = giou_loss(pred_boxes, matched_boxes)
     else:
-        box_targets = encode_boxes(matched_boxes, anchors, bbox_reg_weights)
+        box_targets = box_coder.encode(matched_boxes, anchors)
         per_anchor = smooth_l1_loss(box_deltas, box_targets, smooth_l1_beta).sum(dim=-1)
     return cls_loss, (per_anchor * foreground).sum()

@@ -2,8 +2,6 @@
 import torch.nn.functional as F
 from torch import nn
 
-from model.winograd import Conv3x3
-
 
 class FPN(nn.Module):
     """C3..C5 -> P3..P5 by lateral 1x1 + top-down nearest upsampling + 3x3 smoothing,
@@ -16,11 +14,10 @@ class FPN(nn.Module):
             (small-image configurations where P6/P7 would be 1x1).
         p6_from: "c5" (the paper and torchvision v2: P6 sees the 2048-channel C5)
             or "p5" (torchvision v1 and detectron2: P6 from the smoothed P5).
-        winograd: let the 3x3 output convs take the Winograd path on CPU (``model/winograd.py``).
     """
 
     def __init__(self, in_channels_list, out_channels: int = 256, num_extra_levels: int = 2,
-                 p6_from: str = "c5", winograd: bool = True):
+                 p6_from: str = "c5"):
         super().__init__()
         if p6_from not in ("c5", "p5"):
             raise ValueError(f"p6_from must be 'c5' or 'p5', got {p6_from!r}")
@@ -28,7 +25,7 @@ class FPN(nn.Module):
             raise ValueError(f"num_extra_levels must be 0, 1 or 2, got {num_extra_levels}")
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels_list)
         self.output_convs = nn.ModuleList(
-            Conv3x3(out_channels, out_channels, winograd=winograd) for _ in in_channels_list)
+            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels_list)
         self.p6_from = p6_from
         extra_in = in_channels_list[-1] if p6_from == "c5" else out_channels
         self.extra_convs = nn.ModuleList()

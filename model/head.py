@@ -4,18 +4,21 @@ import math
 import torch
 from torch import nn
 
-from model.winograd import Conv3x3
 
-
-def _tower(channels: int, num_convs: int, norm: str, winograd: bool) -> nn.Sequential:
+def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     layers = []
     for _ in range(num_convs):
         # A conv followed by GroupNorm needs no bias: the norm's shift replaces it.
-        layers.append(Conv3x3(channels, channels, bias=norm is None, winograd=winograd))
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm is None))
         if norm == "gn":
             layers.append(nn.GroupNorm(32 if channels % 32 == 0 else 8, channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+def prior_bias(prior_prob: float) -> float:
+    """Classification bias that makes every sigmoid start at ``prior_prob``; 0 (no prior) for 0."""
+    return -math.log((1 - prior_prob) / prior_prob) if prior_prob > 0 else 0.0
 
 
 class RetinaNetHead(nn.Module):
@@ -30,19 +33,18 @@ class RetinaNetHead(nn.Module):
         prior_prob: initial foreground probability pi; the classification bias
             starts at -log((1 - pi) / pi) so the ~10^5 easy negatives do not swamp
             the first iterations with a huge loss (paper section 4.1, "Initialization").
-        winograd: let the 3x3 convs take the Winograd path on CPU (``model/winograd.py``).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
-                 norm: str = None, prior_prob: float = 0.01, winograd: bool = True):
+                 norm: str = None, prior_prob: float = 0.01):
         super().__init__()
         if norm not in (None, "gn"):
             raise ValueError(f"head norm must be None or 'gn', got {norm!r}")
         self.num_anchors, self.num_classes = num_anchors, num_classes
-        self.cls_tower = _tower(in_channels, num_convs, norm, winograd)
-        self.box_tower = _tower(in_channels, num_convs, norm, winograd)
-        self.cls_logits = Conv3x3(in_channels, num_anchors * num_classes, winograd=winograd)
-        self.bbox_pred = Conv3x3(in_channels, num_anchors * 4, winograd=winograd)
+        self.cls_tower = _tower(in_channels, num_convs, norm)
+        self.box_tower = _tower(in_channels, num_convs, norm)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
@@ -51,7 +53,7 @@ class RetinaNetHead(nn.Module):
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.cls_logits.bias, prior_bias(prior_prob))
 
     def forward(self, features: list):
         """``[P_l [B, C, H_l, W_l]]`` -> (cls_logits ``[B, sum_l H_l W_l A, K]``,

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from utils.boxes import clip_boxes, decode_boxes
+from utils.box_coder import BoxCoder
+from utils.boxes import clip_boxes
 
 
 def select_candidates(cls_logits, num_anchors_per_level: list, topk_candidates: int):
@@ -44,7 +45,7 @@ def select_candidates(cls_logits, num_anchors_per_level: list, topk_candidates: 
 def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: list,
                            image_sizes: list, score_thresh: float = 0.05, topk_candidates: int = 1000,
                            nms_thresh: float = 0.5, detections_per_img: int = 100,
-                           bbox_reg_weights=(1.0, 1.0, 1.0, 1.0)) -> list:
+                           box_coder: BoxCoder = None) -> list:
     """Turn head outputs into detections in the (resized) input frame.
 
     Args:
@@ -52,6 +53,7 @@ def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_
         box_deltas: ``[B, N, 4]``; anchors: ``[N, 4]``.
         num_anchors_per_level: N split by pyramid level (top-k is per level, as in the paper).
         image_sizes: ``[(h, w)]`` of each resized image, for clipping.
+        box_coder: how the deltas are decoded (the detector's own; default weights 1, 1, 1, 1).
 
     Returns:
         one dict per image: "boxes" ``[D, 4]`` xyxy, "scores" ``[D]``, "labels" ``[D]``,
@@ -64,7 +66,7 @@ def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_
     logits, anchor_idx, labels = select_candidates(cls_logits, num_anchors_per_level, topk_candidates)
     scores = torch.sigmoid(logits.float())
     deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
-    boxes = decode_boxes(deltas, anchors[anchor_idx], bbox_reg_weights)
+    boxes = (box_coder or BoxCoder()).decode(deltas, anchors[anchor_idx])
     heights = torch.tensor([s[0] for s in image_sizes], dtype=boxes.dtype, device=boxes.device)
     widths = torch.tensor([s[1] for s in image_sizes], dtype=boxes.dtype, device=boxes.device)
     boxes = clip_boxes(boxes, heights[:, None], widths[:, None])

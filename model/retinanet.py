@@ -3,9 +3,16 @@ import torch
 from torch import Tensor, nn
 
 from losses.retinanet_loss import RetinaNetLoss
-from model.anchors import AnchorGenerator
+from model.anchors import AnchorGenerator, default_anchor_sizes
+from model.backbone import ResNetBackbone
+from model.config import ModelConfig
+from model.fpn import FPN
+from model.head import RetinaNetHead
 from model.postprocess import postprocess_detections
 from model.transform import ImageBatcher
+from ops.fast_trunk import FastResNetTrunk
+from ops.winograd import use_winograd
+from utils.box_coder import BoxCoder
 
 
 class RetinaNet(nn.Module):
@@ -21,21 +28,51 @@ class RetinaNet(nn.Module):
     ``FloatTensor[N_i, 4]`` absolute xyxy in that image's pixels, "labels"
     ``Int64Tensor[N_i]`` in ``[0, num_classes)`` and optionally "crowd_boxes" ``[M_i, 4]``.
 
-    Build it with :func:`model.build_retinanet`, which documents every option.
+    Build it with :func:`model.build_retinanet` (or :meth:`from_config`); choose how it
+    runs with :meth:`optimize_for`.
     """
 
     def __init__(self, backbone: nn.Module, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator,
-                 transform: ImageBatcher, loss: RetinaNetLoss, num_classes: int, score_thresh: float = 0.05,
-                 nms_thresh: float = 0.5, detections_per_img: int = 100, topk_candidates: int = 1000,
-                 channels_last: bool = False, inference_channels_last: bool = True):
+                 transform: ImageBatcher, box_coder: BoxCoder, loss: RetinaNetLoss, num_classes: int,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+                 topk_candidates: int = 1000):
         super().__init__()
         self.backbone, self.fpn, self.head = backbone, fpn, head
-        self.anchor_generator, self.transform, self.loss = anchor_generator, transform, loss
+        self.anchor_generator, self.transform, self.box_coder, self.loss = anchor_generator, transform, box_coder, loss
         self.num_classes = num_classes
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
-        self.channels_last, self.inference_channels_last = channels_last, inference_channels_last
-        self.config = {}  # filled by build_retinanet: the kwargs that rebuild this model
+        self.model_config = None  # the ModelConfig this model was built from (from_config)
+        # Execution choices (optimize_for): the memory format of the input batch.
+        self.channels_last, self.channels_last_cpu_inference = False, False
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, pretrained_backbone=None) -> "RetinaNet":
+        """The model ``config`` describes, with ImageNet weights in the trunk if ``pretrained_backbone``
+        (a torchvision tag such as "DEFAULT" or a local ``.pth``) is given; random init otherwise."""
+        body = ResNetBackbone(config.backbone, pretrained_backbone, config.trainable_backbone_layers,
+                              norm=config.backbone_norm)
+        fpn = FPN(body.out_channels, config.fpn_channels, config.num_extra_levels, config.p6_from)
+        anchor_generator = AnchorGenerator(default_anchor_sizes(config.anchor_base_sizes, config.scales_per_octave),
+                                           config.aspect_ratios)
+        head = RetinaNetHead(config.fpn_channels, anchor_generator.num_anchors_per_location, config.num_classes,
+                             config.head_convs, config.head_norm, config.prior_prob)
+        transform = ImageBatcher(config.min_size, config.max_size, config.image_mean, config.image_std,
+                                 config.size_divisible, config.fixed_size)
+        box_coder = BoxCoder(config.bbox_reg_weights)
+        loss = RetinaNetLoss(config.num_classes, box_coder, config.fg_iou_thresh, config.bg_iou_thresh,
+                             config.allow_low_quality_matches, config.focal_alpha, config.focal_gamma,
+                             config.box_loss, config.smooth_l1_beta)
+        model = cls(body, fpn, head, anchor_generator, transform, box_coder, loss, config.num_classes,
+                    config.score_thresh, config.nms_thresh, config.detections_per_img, config.topk_candidates)
+        model.model_config = config.replace(backbone_norm=body.norm)  # "auto" resolved
+        return model
+
+    @property
+    def config(self) -> dict:
+        """The configuration as a plain dict (what checkpoints store as ``model_config``):
+        ``build_retinanet(**model.config)`` rebuilds the same architecture."""
+        return self.model_config.to_dict() if self.model_config is not None else {}
 
     def forward(self, images: list, targets: list = None):
         device = self.transform.image_mean.device
@@ -49,11 +86,8 @@ class RetinaNet(nn.Module):
         images = [image.to(device, non_blocking=True) for image in images]
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, image_sizes, targets = self.transform(images, targets)
-        # oneDNN's native layout is NHWC: on CPU, inference in channels_last skips a
-        # layout conversion around every conv. In training the trunk picks its own
-        # layout (model/backbone.py): NHWC weight gradients of 3x3 convs are slower on CPU.
-        cpu_inference = not self.training and batch.device.type == "cpu"
-        if self.channels_last or (self.inference_channels_last and cpu_inference):
+        if self.channels_last or (self.channels_last_cpu_inference and not self.training
+                                  and batch.device.type == "cpu"):
             batch = batch.contiguous(memory_format=torch.channels_last)
 
         features = self.fpn(self.backbone(batch))
@@ -67,8 +101,37 @@ class RetinaNet(nn.Module):
         detections = postprocess_detections(
             cls_logits, torch.cat(box_deltas, dim=1), anchors,
             self.anchor_generator.num_anchors_per_level(feature_sizes), image_sizes, self.score_thresh,
-            self.topk_candidates, self.nms_thresh, self.detections_per_img, self.loss.bbox_reg_weights)
+            self.topk_candidates, self.nms_thresh, self.detections_per_img, self.box_coder)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    def optimize_for(self, device=None, *, channels_last: bool = False, fold_batchnorm: bool = True,
+                     winograd: bool = True) -> "RetinaNet":
+        """Choose how this model runs on ``device`` (default: where its parameters are), in place.
+
+        None of this changes the parameters, the state dict or the outputs beyond float
+        rounding, and none of it is saved in a checkpoint (``tests/test_speed_paths.py``,
+        ``tests/test_winograd.py``; figures in benchmarks/README.md):
+
+        - fold_batchnorm: BatchNorm with fixed statistics (frozen, or in eval mode) is applied
+          by scaling the conv weights, and on CPU the trunk picks its faster memory layouts
+          (``ops/fast_trunk.py``);
+        - winograd: on CPU, the 3x3 convs of the FPN and heads with >= 256 channels take
+          Winograd F(2x2, 3x3) on maps of 32 x 32 or more, in float32 (``ops/winograd.py``);
+        - on CPU, eval-mode batches go channels_last (oneDNN's native layout); in training
+          the trunk picks its own layout, since NHWC weight gradients of 3x3 convs are slower;
+        - channels_last: the whole model and every batch in channels_last (GPUs with tensor cores).
+        """
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        if fold_batchnorm and not isinstance(self.backbone.body, FastResNetTrunk):
+            self.backbone.body = FastResNetTrunk(self.backbone.body)
+        if winograd and device.type == "cpu":
+            use_winograd(self.fpn)
+            use_winograd(self.head)
+        self.channels_last_cpu_inference = device.type == "cpu"
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
 
     def compile_parts(self, **compile_kwargs) -> "RetinaNet":
         """``torch.compile`` the backbone, FPN, head and the dense part of the loss in place.

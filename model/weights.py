@@ -1,7 +1,11 @@
 """Load detector weights from any source: our checkpoints, torchvision RetinaNet files, torchvision weight names.
 
+This is the one model loader of the repository: training (``--weights``), evaluation,
+inference and export all go through :func:`load_detector` / :func:`read_weights`.
+
 A weights spec is one of
-  * a checkpoint of this repository (``{"model", "model_config", "categories", ...}``);
+  * a checkpoint of this repository (``{"model", "model_config", "categories", ...}``), also
+    those written before execution settings left the configuration;
   * a ``.pth`` torchvision RetinaNet state dict (or a torchvision references checkpoint
     ``{"model": state_dict, ...}``), converted by :mod:`model.torchvision_compat`;
   * the name of torchvision's published weights, e.g. ``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"``,
@@ -10,21 +14,20 @@ A weights spec is one of
 
 Every unusable file fails with one :class:`utils.checkpoint.CheckpointError` line naming it.
 """
-import argparse
-import inspect
 import logging
-import math
 import os
-import pickle
-import re
 from dataclasses import dataclass
 
 import torch
 import torchvision
 
+from model.config import ARCHITECTURE_FIELDS, ModelConfig
+from model.head import prior_bias
+from model.retinanet import RetinaNet
 from model.torchvision_compat import (BACKBONE_BN_EPS, COCO_CATEGORIES, NUM_TORCHVISION_COCO_CLASSES,
                                       convert_torchvision_state_dict, is_torchvision_retinanet_state_dict)
-from utils.checkpoint import CheckpointError, load_state_dict_checked
+from utils.checkpoint import CheckpointError, WeightsFileNotFoundError, load_state_dict_checked, torch_load
+from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -39,55 +42,76 @@ class WeightsUnavailableError(CheckpointError):
     """Published weights that could not be downloaded (no internet, proxy, ...)."""
 
 
+class ArchitectureConflict(ConfigError):
+    """An option given explicitly that contradicts the architecture of the weights being loaded."""
+
+    def __init__(self, field: str, given, weights_value, source: str):
+        super().__init__(f"{field}={given!r} conflicts with the architecture of {source} ({field}={weights_value!r}); "
+                         f"leave it out to take the weights' value")
+        self.field, self.given, self.weights_value, self.source = field, given, weights_value, source
+
+
 @dataclass
 class WeightsSource:
     """Weights in this repository's layout plus what is needed to build and describe the model."""
     state_dict: dict
-    model_config: dict
+    config: ModelConfig
     categories: list  # label k -> {"id", "name"}
     name: str  # the file or weights name, for messages
+    train_args: dict = None  # our checkpoints: the options of the run that wrote them (data path, splits, ...)
+
+    @property
+    def model_config(self) -> dict:
+        return self.config.to_dict()
 
 
-def load_detector(spec: str, map_location="cpu", **overrides):
+def configure_from_weights(weights_config: ModelConfig, overrides: dict, source: str,
+                           fixed=ARCHITECTURE_FIELDS) -> ModelConfig:
+    """``weights_config`` with ``overrides`` applied; every override counts, also one equal to a default.
+
+    A ``fixed`` field (the architecture: shapes and the meaning of the weights) given a
+    different value raises :class:`ArchitectureConflict` naming it.
+    """
+    merged = weights_config.replace(**overrides)
+    for field in fixed:
+        if field in overrides and getattr(merged, field) != getattr(weights_config, field):
+            raise ArchitectureConflict(field, overrides[field], getattr(weights_config, field), source)
+    return merged
+
+
+def load_detector(spec: str, map_location="cpu", what: str = "weights file", **overrides):
     """Build the model a weights spec describes and load its weights.
 
     Args:
         spec: see the module docstring.
-        overrides: ``build_retinanet`` kwargs replacing the weights' configuration
-            (``score_thresh``, ``min_size``, ``detections_per_img``, ...).
+        what: how messages name the file ("weights file", "checkpoint").
+        overrides: :class:`model.config.ModelConfig` fields replacing the weights' own
+            (``score_thresh``, ``min_size``, ``detections_per_img``, ``box_loss``, ...). Each one
+            given is applied, whatever its value; one that changes the architecture (or the
+            class count) is an :class:`ArchitectureConflict`.
 
     Returns:
         ``(model, categories)``: the model in eval mode on ``map_location`` (carrying
         ``model.categories``), and label k -> ``categories[k]`` = ``{"id", "name"}``.
     """
-    from model import build_retinanet  # local import: model/__init__ imports this module lazily too
+    return build_detector(read_weights(spec, map_location, what), map_location, **overrides)
 
-    source = read_weights(spec, map_location)
-    model = build_retinanet(**{**source.model_config, **overrides})
+
+def build_detector(source: WeightsSource, map_location="cpu", **overrides):
+    """:func:`load_detector` for weights already read (:func:`read_weights`)."""
+    config = configure_from_weights(source.config, overrides, source.name, ARCHITECTURE_FIELDS + ("num_classes",))
+    model = RetinaNet.from_config(config)
     load_state_dict_checked(model, _fill_bn_counters(source.state_dict, model), source.name)
     model.categories = source.categories
     return model.to(map_location).eval(), source.categories
 
 
-def build_from_weights(spec: str, build_kwargs: dict):
-    """``build_retinanet(weights=spec, **build_kwargs)``: the weights decide the architecture;
-    arguments given a non-default value override their configuration."""
-    from model import build_retinanet
-
-    defaults = {name: param.default for name, param in inspect.signature(build_retinanet).parameters.items()}
-    overrides = {k: v for k, v in build_kwargs.items() if k in defaults and k != "weights"
-                 and _plain(v) != _plain(defaults[k])}
-    if overrides.get("pretrained_backbone"):
-        raise ValueError("pretrained_backbone and weights exclude each other: the weights hold the backbone")
-    return load_detector(spec, **overrides)[0]
-
-
-def read_weights(spec: str, map_location="cpu") -> WeightsSource:
+def read_weights(spec: str, map_location="cpu", what: str = "weights file") -> WeightsSource:
     """Resolve a spec to a :class:`WeightsSource` (our layout, configuration, categories)."""
     if os.path.isfile(spec):
-        return _read_file(spec, map_location)
+        return _read_file(spec, map_location, what)
     if os.path.sep in spec or spec.endswith((".pth", ".pt")):
-        raise FileNotFoundError(f"weights file not found: {spec}")
+        raise WeightsFileNotFoundError(f"{what} not found: {spec}")
     weights = resolve_torchvision_weights(spec)
     name = f"{type(weights).__name__}.{weights.name}"
     try:
@@ -117,19 +141,17 @@ def resolve_torchvision_weights(name: str):
     return weights
 
 
-def _read_file(path: str, map_location) -> WeightsSource:
-    try:
-        # torchvision's references store their argparse Namespace beside the weights; nothing else runs code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            content = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise _load_error(path, exc) from exc
+def _read_file(path: str, map_location, what: str) -> WeightsSource:
+    content = torch_load(path, what, map_location)
     if not isinstance(content, dict):
         raise CheckpointError(f"{path} holds a {type(content).__name__}, not a state dict or checkpoint")
     if "model" in content and "model_config" in content:
-        state = content["model"]
-        categories = content.get("categories") or _numbered_categories(content["model_config"].get("num_classes"))
-        return WeightsSource(state, dict(content["model_config"]), list(categories), path)
+        try:
+            config = ModelConfig.from_dict(content["model_config"], source=f"{path}'s model_config")
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its model_config cannot build a model: {exc}") from None
+        categories = content.get("categories") or _numbered_categories(config.num_classes)
+        return WeightsSource(content["model"], config, list(categories), path, dict(content.get("args") or {}))
     # torchvision's references save {"model": state_dict, "optimizer": ..., "args": ...}.
     state = content["model"] if isinstance(content.get("model"), dict) else content
     if is_torchvision_retinanet_state_dict(state):
@@ -140,22 +162,11 @@ def _read_file(path: str, map_location) -> WeightsSource:
     raise CheckpointError(f"{path} is not RetinaNet weights: {_describe(state)}")
 
 
-def _load_error(path: str, exc: Exception) -> CheckpointError:
-    """One line from torch.load's many: its unpickling errors even say the file "can still be loaded"."""
-    message = str(exc)
-    if isinstance(exc, pickle.UnpicklingError):
-        detail = re.search(r"Unsupported (?:global: GLOBAL \S+|[^\n.]*)", message)
-        return CheckpointError(f"weights file {path} is corrupt or truncated, or holds objects other than tensors: "
-                               f"{type(exc).__name__}: {detail.group(0) if detail else 'unreadable pickle'}")
-    first_line = next((line.strip() for line in message.splitlines() if line.strip()), "")
-    return CheckpointError(f"weights file {path} is corrupt or truncated: {type(exc).__name__}: {first_line}")
-
-
 def _from_torchvision(tv_state: dict, name: str, eps: float) -> WeightsSource:
     coco = _torchvision_num_classes(tv_state) == NUM_TORCHVISION_COCO_CLASSES
     state, config = convert_torchvision_state_dict(tv_state, coco_contiguous=coco, backbone_bn_eps=eps, source=name)
     categories = COCO_CATEGORIES if coco else _numbered_categories(config["num_classes"])
-    return WeightsSource(state, config, [dict(c) for c in categories], name)
+    return WeightsSource(state, ModelConfig(**config), [dict(c) for c in categories], name)
 
 
 def _torchvision_num_classes(tv_state: dict):
@@ -192,11 +203,7 @@ def _fill_bn_counters(state: dict, model: torch.nn.Module) -> dict:
     return {**state, **missing} if missing else state
 
 
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def load_pretrained_for_finetuning(model: torch.nn.Module, spec: str, target_categories: list) -> dict:
+def load_pretrained_for_finetuning(model: torch.nn.Module, spec, target_categories: list) -> dict:
     """Initialise ``model`` from other weights for fine-tuning on ``target_categories``.
 
     Every tensor of the source whose name and shape fit is loaded, except the final
@@ -206,7 +213,8 @@ def load_pretrained_for_finetuning(model: torch.nn.Module, spec: str, target_cat
 
     Args:
         model: built for the target dataset, ``model.num_classes == len(target_categories)``.
-        spec: our checkpoint, a torchvision RetinaNet file or torchvision weights name.
+        spec: our checkpoint, a torchvision RetinaNet file or torchvision weights name
+            (or the :class:`WeightsSource` already read from one).
         target_categories: label k -> ``{"name": ...}`` (or plain name strings).
 
     Returns:
@@ -216,7 +224,7 @@ def load_pretrained_for_finetuning(model: torch.nn.Module, spec: str, target_cat
     names = [c if isinstance(c, str) else c["name"] for c in target_categories]
     if len(names) != model.num_classes:
         raise ValueError(f"model has {model.num_classes} classes but {len(names)} target categories were given")
-    source = read_weights(spec)
+    source = spec if isinstance(spec, WeightsSource) else read_weights(spec)
     own = model.state_dict()
     new_state = dict(own)
     report = {"loaded": [], "reinitialised": [], "skipped": [], "unused": [], "copied_classes": {},
@@ -254,10 +262,10 @@ def _classifier_rows(model, source: WeightsSource, names: list, report: dict):
     """New ``head.cls_logits`` weight ``[A*K, C, 3, 3]`` and bias ``[A*K]``, channel ``a * K + k``."""
     own_weight, num_classes = model.head.cls_logits.weight, len(names)
     num_anchors = own_weight.shape[0] // num_classes
-    prior_prob = (getattr(model, "config", None) or {}).get("prior_prob", 0.01)
+    prior_prob = model.model_config.prior_prob if getattr(model, "model_config", None) else 0.01
     weight = torch.empty_like(own_weight.detach()).normal_(std=0.01)
     weight = weight.view(num_anchors, num_classes, *own_weight.shape[1:])
-    bias = torch.full((num_anchors, num_classes), -math.log((1 - prior_prob) / prior_prob),
+    bias = torch.full((num_anchors, num_classes), prior_bias(prior_prob),
                       dtype=own_weight.dtype, device=own_weight.device)
 
     source_weight = source.state_dict.get("head.cls_logits.weight")

@@ -171,7 +171,7 @@ def test_missing_and_unparsable_files(coco_root):
     write_dataset(coco_root, base_dataset(), split="val2017", make_images=False)
     ann_dir = coco_root / "annotations"
     with pytest.raises(FileNotFoundError, match=r"instances_test\.json not found; splits found in .*: train, val2017"):
-        build_dataset("test", argparse.Namespace(data_path=str(coco_root)), train=False)
+        build_dataset(str(coco_root), "test")
     with pytest.raises(FileNotFoundError, match=r"image folder .*nowhere not found"):
         CocoDetection(coco_root / "nowhere", ann_dir / "instances_train.json")
     with pytest.raises(FileNotFoundError, match=r"none of the images checked exist"):
@@ -229,14 +229,14 @@ def test_flip_inside_dataset_matches_pixels(tmp_path):
 
 
 def test_build_dataset_and_collate(coco_root):
-    args = argparse.Namespace(data_path=str(coco_root))
-    train = build_dataset("train", args, train=True)
+    root = str(coco_root)
+    train = build_dataset(root, "train", train=True)
     assert isinstance(train.transforms, Compose) and train.transforms.transforms[0].p == 0.5
-    assert build_dataset("train", args, train=False).transforms is None
-    args.hflip_prob, args.filter_empty = 0.0, True
-    train = build_dataset("train", args, train=True)
+    assert build_dataset(root, "train", train=False).transforms is None
+    train = build_dataset(root, "train", train=True, hflip_prob=0.0, filter_empty=True)
     assert train.transforms is None and train.ids == [2, 5]
-    assert build_dataset("train", args, train=False).ids == [2, 5, 9]  # evaluation never filters
+    # evaluation never filters
+    assert build_dataset(root, "train", train=False, hflip_prob=0.0, filter_empty=True).ids == [2, 5, 9]
 
     images, targets = collate_fn([train[0], train[1]])
     assert isinstance(images, list) and isinstance(targets, list)

@@ -1,10 +1,9 @@
-"""The training step's handling of non-finite losses, with a stub model (no data, no real network)."""
-import argparse
-
+"""The training step's handling of non-finite losses and bad images, with a stub model (no data, no real network)."""
 import pytest
 import torch
 
-from engine import NonFiniteLossError, train_one_epoch
+from engine import NonFiniteLossError, TooManyBadImagesError, TrainState, train_one_epoch
+from recipes import TrainConfig
 from utils.checkpoint import save_checkpoint
 
 
@@ -33,32 +32,59 @@ class StubBatchSampler:
 
 
 class StubLoader(list):
-    """Batches of (images, targets, bad) with the batch-sampler surface train_one_epoch reads."""
+    """Batches of (images, targets, bad) with the batch-sampler surface train_one_epoch reads;
+    ``bad`` maps a batch index to the messages of its unreadable images (all of them, if empty)."""
 
-    def __init__(self, n):
-        super().__init__([([torch.zeros(3, 4, 4)], [{}], []) for _ in range(n)])
+    def __init__(self, n, bad=None, empty=()):
+        bad = bad or {}
+        super().__init__([([] if i in empty else [torch.zeros(3, 4, 4)], [] if i in empty else [{}], bad.get(i, []))
+                          for i in range(n)])
         self.batch_sampler = StubBatchSampler(n)
 
 
-def run_epoch(model, tmp_path, batches=8, max_non_finite=3):
-    loader = StubLoader(batches)
+class Writer:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record, step=None):
+        self.records.append(record)
+
+
+def run_epoch(model, tmp_path, batches=8, max_non_finite=3, state=None, bad=None, empty=(), bad_image_limit=10):
+    loader = StubLoader(batches, bad, empty)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    args = argparse.Namespace(amp="none", epochs=1, clip_grad_norm=0, print_freq=100, world_size=1,
-                              bad_image_count=0, checkpoint_every=0, max_iters=0, output_dir=str(tmp_path),
-                              max_non_finite=max_non_finite, max_bad_images=0, num_train_images=batches)
-    writer = argparse.Namespace(write=lambda record, step=None: None)
-    iteration, finished = train_one_epoch(model, optimizer, scheduler, scaler, loader, torch.device("cpu"), 0, 0,
-                                          args, writer, lambda *a: None)
-    return iteration, finished, args
+    config = TrainConfig(epochs=1, print_freq=1, output_dir=str(tmp_path), max_non_finite=max_non_finite)
+    writer = Writer()
+    state, finished = train_one_epoch(model, optimizer, scheduler, scaler, loader, torch.device("cpu"),
+                                      state or TrainState(), config, writer, lambda state: None,
+                                      bad_image_limit=bad_image_limit)
+    return state, finished, writer.records
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     model = StubModel(nan_calls={2, 5})
-    iteration, finished, args = run_epoch(model, tmp_path)
-    assert finished and iteration == 6 and args.non_finite_count == 2
+    state, finished, records = run_epoch(model, tmp_path)
+    assert finished and state.iteration == 6 and state.non_finite_steps == 2
+    assert state.epoch == 1 and state.batch_in_epoch == 0  # the next batch: epoch 2's first
     assert torch.isfinite(model.weight) and 0 < model.weight.item() < 3.5
+    assert records[-1]["non_finite_steps"] == 2
+
+
+def test_empty_batches_are_skipped_and_bad_images_counted_on_top_of_a_resumed_state(tmp_path):
+    model = StubModel(nan_calls=set())
+    resumed = TrainState(iteration=40, bad_images=3, non_finite_steps=1)
+    state, finished, records = run_epoch(model, tmp_path, batches=6, state=resumed, bad={1: ["a.jpg"], 4: ["b", "c"]},
+                                         empty={4})
+    assert finished and state.iteration == 45 and model.calls == 5  # batch 4 held no readable image
+    assert state.bad_images == 6 and state.non_finite_steps == 1
+    assert [r["bad_images"] for r in records] == [3, 4, 4, 4, 6]
+
+
+def test_bad_image_budget_stops_the_run_naming_the_images(tmp_path):
+    with pytest.raises(TooManyBadImagesError, match=r"3 unreadable .* more than --max-bad-images 2.*x\.jpg.*y\.jpg"):
+        run_epoch(StubModel(nan_calls=set()), tmp_path, bad={0: ["x.jpg"], 2: ["y.jpg", "z.jpg"]}, bad_image_limit=2)
 
 
 def test_consecutive_non_finite_losses_stop_with_iteration_and_checkpoint(tmp_path):

@@ -17,8 +17,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_eval import (METRIC_NAMES, format_metrics_table, predictions_to_coco_results,
-                             score_coco_results, write_json_atomic)
+import coco_dataset
+from utils.atomic_io import write_json_atomic
+from utils.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,12 +156,11 @@ class PredictsNothing(torch.nn.Module):
 
 
 def test_model_that_predicts_nothing_gives_ap_0(tmp_path):
-    coco_dataset = pytest.importorskip("coco_dataset")
     from evaluation import evaluate
 
     root = tmp_path / "coco"
     write_coco_split(root, "val", IMAGES, GT_BOXES, CATEGORIES, image_files=True)
-    dataset = coco_dataset.build_dataset("val", argparse.Namespace(data_path=str(root)), train=False)
+    dataset = coco_dataset.build_dataset(str(root), "val")
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=coco_dataset.collate_fn)
     model = PredictsNothing().train()
     out_dir = tmp_path / "out"

@@ -2,7 +2,7 @@ import torch
 from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.ops import box_iou as tv_box_iou
 
-from model.matcher import BACKGROUND, IGNORE, match_anchors
+from utils.matcher import BACKGROUND, IGNORE, match_anchors
 
 
 def test_thresholds_and_ignore_band():

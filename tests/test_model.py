@@ -142,7 +142,7 @@ def test_pretrained_backbone_from_local_file_freezes_bn_and_stem(tmp_path):
     assert isinstance(body.bn1, FrozenBatchNorm2d)
     assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
     assert body.layer2[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
-    assert model.config["pretrained_backbone"] is None and model.config["backbone_norm"] == "frozen_bn"
+    assert "pretrained_backbone" not in model.config and model.config["backbone_norm"] == "frozen_bn"
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_retinanet(num_classes=2, backbone="resnet18", pretrained_backbone=str(tmp_path / "missing.pth"))
 

@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import FrozenBatchNorm2d
 
-import losses.focal_loss as focal_loss_module
-from losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss
+import ops.focal_loss as focal_loss_module
+from losses.focal_loss import sigmoid_focal_loss
+from losses.retinanet_loss import RetinaNetLoss
 from model import build_retinanet
 from model.postprocess import postprocess_detections
-
-# After ``model``: losses.retinanet_loss and model import each other.
-from losses.retinanet_loss import RetinaNetLoss  # noqa: E402,I001
+from ops.focal_loss import focal_loss_from_labels
 
 SMALL = dict(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, min_size=64, max_size=64)
 
@@ -84,7 +83,7 @@ def test_compiled_loss_equals_eager_loss():
     cls_logits, box_deltas, anchors, targets = _loss_inputs()
     eager = RetinaNetLoss(4)(cls_logits, box_deltas, anchors, targets)
     grads = torch.autograd.grad(sum(eager.values()), (cls_logits, box_deltas))
-    compiled = RetinaNetLoss(4, compile=True)(cls_logits, box_deltas, anchors, targets)
+    compiled = RetinaNetLoss(4).compile_dense()(cls_logits, box_deltas, anchors, targets)
     compiled_grads = torch.autograd.grad(sum(compiled.values()), (cls_logits, box_deltas))
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=0)
@@ -118,19 +117,19 @@ def _assert_same_detections(dets_a, dets_b):
 
 @pytest.mark.parametrize("backbone_norm", ["bn", "frozen_bn"])
 def test_folded_batchnorm_gives_the_same_detections(backbone_norm):
-    model = build_retinanet(prior_prob=0.3, backbone_norm=backbone_norm, **SMALL)
+    model = build_retinanet(prior_prob=0.3, backbone_norm=backbone_norm, **SMALL).optimize_for("cpu")
     _randomise_batchnorm(model)
     model.eval()
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     folded = _detect(model, images)
-    assert len(model.backbone._folded._cache) == 20  # every conv of the resnet18 trunk
-    model.backbone.fold_batchnorm = False
+    assert len(model.backbone.body._folded._cache) == 20  # every conv of the resnet18 trunk
+    model.backbone.body.fold_batchnorm = False
     _assert_same_detections(folded, _detect(model, images))
     assert not any("folded" in key for key in model.state_dict())
 
 
 def test_folded_weights_follow_weight_updates_and_free_on_train():
-    model = build_retinanet(prior_prob=0.3, **SMALL)
+    model = build_retinanet(prior_prob=0.3, **SMALL).optimize_for("cpu")
     _randomise_batchnorm(model)
     model.eval()
     images = [torch.rand(3, 64, 64)]
@@ -138,11 +137,11 @@ def test_folded_weights_follow_weight_updates_and_free_on_train():
     with torch.no_grad():
         model.backbone.body.layer1[0].conv1.weight.mul_(-1.0)  # an in-place update, like an optimizer step
     after = _detect(model, images)
-    model.backbone.fold_batchnorm = False
+    model.backbone.body.fold_batchnorm = False
     _assert_same_detections(after, _detect(model, images))
     assert not torch.allclose(before[0]["scores"][:5], after[0]["scores"][:5])
     model.train()
-    assert not model.backbone._folded._cache
+    assert not model.backbone.body._folded._cache
 
 
 @pytest.mark.parametrize("trainable_layers", [3, 5, 0])
@@ -151,15 +150,15 @@ def test_folded_frozen_batchnorm_trains_like_unfolded(trainable_layers):
     CPU): same losses and same gradients as torchvision's conv -> FrozenBatchNorm2d."""
     torch.manual_seed(0)
     model = build_retinanet(backbone_norm="frozen_bn", trainable_backbone_layers=trainable_layers,
-                            prior_prob=0.3, **SMALL).train()
+                            prior_prob=0.3, **SMALL).optimize_for("cpu").train()
     _randomise_batchnorm(model)
-    assert model.backbone._num_frozen_stages() == 5 - trainable_layers
+    assert model.backbone.body.num_frozen_stages() == 5 - trainable_layers
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[10.0, 12, 50, 60]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[0.0, 5, 30, 38]]), "labels": torch.tensor([2])}]
     results = []
     for fold in (True, False):
-        model.backbone.fold_batchnorm = fold
+        model.backbone.body.fold_batchnorm = fold
         model.zero_grad(set_to_none=True)
         losses = model(images, targets)
         sum(losses.values()).backward()
@@ -173,37 +172,38 @@ def test_folded_frozen_batchnorm_trains_like_unfolded(trainable_layers):
     for name, grad in plain_grads.items():
         torch.testing.assert_close(folded_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item() + 1e-8)
     # Frozen convs are folded once and cached, trainable ones are folded on every call.
-    model.backbone.fold_batchnorm = True
+    model.backbone.body.fold_batchnorm = True
     model(images, targets)
-    cached = model.backbone._folded._cache
+    cached = model.backbone.body._folded._cache
     assert len(cached) == {3: 5, 5: 0, 0: 20}[trainable_layers]  # resnet18: stem 1 + layer1 4 + ... = 20 convs
 
 
 def test_trainable_batchnorm_trains_unfolded_and_folds_in_eval():
     torch.manual_seed(0)
-    model = build_retinanet(backbone_norm="bn", **SMALL).train()
+    model = build_retinanet(backbone_norm="bn", **SMALL).optimize_for("cpu").train()
     _randomise_batchnorm(model)
     images = [torch.rand(3, 64, 64)]
     targets = [{"boxes": torch.tensor([[10.0, 12, 50, 60]]), "labels": torch.tensor([1])}]
     torch.manual_seed(1)
     losses = model(images, targets)
-    model.backbone.fold_batchnorm = False
+    model.backbone.body.fold_batchnorm = False
     torch.manual_seed(1)
     assert all(torch.equal(value, model(images, targets)[key]) for key, value in losses.items())
-    assert not model.backbone._folded._cache
-    model.backbone.fold_batchnorm = True
+    assert not model.backbone.body._folded._cache
+    model.backbone.body.fold_batchnorm = True
     model.eval()
     _detect(model, images)
-    assert len(model.backbone._folded._cache) == 20
+    assert len(model.backbone.body._folded._cache) == 20
     _detect(model.double(), [images[0].double()])  # .to() / .double() drop the cached float copies
-    assert all(entry[1].dtype == torch.float64 for entry in model.backbone._folded._cache.values())
+    assert all(entry[1].dtype == torch.float64 for entry in model.backbone.body._folded._cache.values())
 
 
 def test_channels_last_gives_the_same_outputs():
     torch.manual_seed(0)
-    default = build_retinanet(prior_prob=0.3, inference_channels_last=False, **SMALL)
+    default = build_retinanet(prior_prob=0.3, **SMALL).optimize_for("cpu")
+    default.channels_last_cpu_inference = False
     _randomise_batchnorm(default)
-    channels_last = build_retinanet(prior_prob=0.3, channels_last=True, **SMALL)
+    channels_last = build_retinanet(prior_prob=0.3, **SMALL).optimize_for("cpu", channels_last=True)
     channels_last.load_state_dict(default.state_dict())
     images = [torch.rand(3, 64, 64), torch.rand(3, 40, 64)]
     targets = [{"boxes": torch.tensor([[10.0, 12, 50, 60]]), "labels": torch.tensor([1])},
@@ -216,7 +216,7 @@ def test_channels_last_gives_the_same_outputs():
     default.eval()
     channels_last.eval()
     _assert_same_detections(_detect(channels_last, images), _detect(default, images))
-    default.inference_channels_last = True  # the eval-mode default: only the batch goes channels_last
+    default.channels_last_cpu_inference = True  # the eval-mode default: only the batch goes channels_last
     _assert_same_detections(_detect(default, images), _detect(channels_last, images))
 
 

@@ -94,10 +94,14 @@ def test_fine_tune_from_checkpoint_with_weights_flag(tiny_data, tmp_path):
     save_checkpoint({"model": source.state_dict(), "model_config": source.config, "categories": categories},
                     str(tmp_path / "source.pth"))
     out = tmp_path / "run"
-    # Architecture flags deliberately differ: --weights decides the network.
     cmd = train_command(tiny_data, out, "--epochs", "1", "--max-iters", "1", "--weights", str(tmp_path / "source.pth"))
-    cmd[cmd.index("--fpn-channels") + 1] = "64"
     result = run(cmd)
     assert "fine-tuning from" in result.stdout + result.stderr
     state = load_checkpoint(list_checkpoints(str(out))[0])
     assert state["model_config"]["fpn_channels"] == 32 and state["model"]["head.cls_logits.weight"].shape[0] == 9 * 4
+
+    # An architecture flag that contradicts the weights is named, not silently ignored.
+    cmd[cmd.index("--fpn-channels") + 1] = "64"
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--fpn-channels 64 contradicts --weights" in result.stderr and "fpn_channels = 32" in result.stderr

@@ -4,8 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import model.winograd as winograd
-from model.winograd import Conv3x3, conv3x3_winograd, winograd_applicable
+import ops.winograd as winograd
+from ops.winograd import WinogradConv2d, conv3x3_winograd, use_winograd, winograd_applicable
+
+
+def Conv3x3(in_channels, out_channels):
+    """A Winograd conv made the way RetinaNet.optimize_for makes them: from a plain nn.Conv2d."""
+    return WinogradConv2d.from_conv(nn.Conv2d(in_channels, out_channels, 3, padding=1))
 
 
 def _compare(shape, out_channels, dtype, bias=True):
@@ -67,6 +72,19 @@ def test_conv3x3_is_a_drop_in_conv2d():
     assert torch.equal(fast(x), plain(x))
 
 
+def test_use_winograd_replaces_wide_3x3_convs_and_shares_their_parameters():
+    net = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                        nn.Conv2d(256, 256, 3, stride=2, padding=1), nn.Sequential(nn.Conv2d(256, 512, 3, padding=1)),
+                        nn.Conv2d(256, 256, 1))
+    params = [id(p) for p in net.parameters()]
+    keys = list(net.state_dict())
+    assert use_winograd(net) == 2
+    assert isinstance(net[0], WinogradConv2d) and isinstance(net[4][0], WinogradConv2d)
+    assert type(net[2]) is nn.Conv2d and type(net[3]) is nn.Conv2d and type(net[5]) is nn.Conv2d
+    assert [id(p) for p in net.parameters()] == params and list(net.state_dict()) == keys
+    assert use_winograd(net) == 0  # already done
+
+
 @pytest.mark.parametrize("case", ["small map", "few channels", "stride 2", "float64", "autocast", "channels_last"])
 def test_falls_back_where_winograd_does_not_apply_or_pay(case):
     conv = Conv3x3(256, 256)
@@ -102,7 +120,7 @@ def test_retinanet_with_and_without_winograd_agree():
     torch.manual_seed(0)
     # Frozen BatchNorm: trainable BatchNorm would update its running statistics between the runs.
     model = build_retinanet(num_classes=3, backbone="resnet18", head_convs=1, min_size=256, max_size=256,
-                            prior_prob=0.3, backbone_norm="frozen_bn")
+                            prior_prob=0.3, backbone_norm="frozen_bn").optimize_for("cpu")
     assert model.head.cls_tower[0].winograd and model.fpn.output_convs[0].winograd
     images = [torch.rand(3, 256, 256), torch.rand(3, 256, 200)]
     targets = [{"boxes": torch.tensor([[10.0, 12, 150, 160]]), "labels": torch.tensor([1])},
@@ -110,7 +128,7 @@ def test_retinanet_with_and_without_winograd_agree():
     results = []
     for enabled in (True, False):
         for module in model.modules():
-            if isinstance(module, Conv3x3):
+            if isinstance(module, WinogradConv2d):
                 module.winograd = enabled
         model.train()
         model.zero_grad(set_to_none=True)

@@ -1,10 +1,19 @@
-"""Self-describing checkpoints: atomic writes, clear errors, latest-valid lookup."""
+"""Self-describing checkpoints: atomic writes, one-line errors, latest-valid lookup.
+
+This module reads and writes checkpoint *files*; turning one into a model is
+``model.weights.load_detector``'s job (the one model loader of the repository).
+"""
+import argparse
 import glob
 import logging
 import os
+import pickle
 import re
 
 import torch
+
+from utils.atomic_io import atomic_write
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -12,40 +21,50 @@ CHECKPOINT_PATTERN = "checkpoint_e{epoch:04d}_i{iteration:08d}.pth"
 _CHECKPOINT_RE = re.compile(r"checkpoint_e(\d+)_i(\d+)\.pth$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or weights file that cannot be used; the message names the file and the reason."""
+
+
+class WeightsFileNotFoundError(UserError, FileNotFoundError):
+    """A checkpoint or weights path that does not exist."""
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file (or none), never half a file.
+    """Write ``state`` to ``path`` atomically (``utils.atomic_io``): never half a file."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
-    The bytes go to a temporary file in the same directory (so the rename stays
-    on one filesystem), are flushed to disk, then renamed over ``path``.
+
+def torch_load(path: str, what: str = "checkpoint", map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with every failure as one :class:`CheckpointError` line.
+
+    ``what`` names the kind of file in messages ("checkpoint", "weights file", ...).
+    Only plain containers, tensors and numbers load (nothing that runs code), plus the
+    argparse Namespace that torchvision's references store beside their weights.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f"{path}.tmp.{os.getpid()}"
+    if not os.path.isfile(path):
+        raise WeightsFileNotFoundError(f"{what} not found: {path}")
     try:
-        with open(tmp_path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise CheckpointError(f"{what} {path} is unusable: {_load_failure(exc)}") from exc
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line out of torch.load's many; its weights-only refusal even says the file "can still be loaded"."""
+    message = str(exc)
+    detail = re.search(r"WeightsUnpickler error: (Unsupported [^.\n]*)", message)
+    if isinstance(exc, pickle.UnpicklingError) and detail:
+        return f"it holds objects other than tensors and plain containers ({detail.group(1)})"
+    first_line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    if isinstance(exc, RuntimeError) and "zip archive" in message:
+        return f"corrupt or truncated ({first_line.split('.')[0]})"
+    return f"corrupt or truncated, or not a PyTorch file ({type(exc).__name__}: {first_line})"
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint dict, turning every failure into one :class:`CheckpointError` line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        # Our checkpoints hold plain containers, tensors and numbers; weights_only
-        # refuses anything that would execute code on load.
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
+    """A checkpoint dict of this repository (it has a ``model`` entry), or a :class:`CheckpointError`."""
+    checkpoint = torch_load(path, "checkpoint", map_location)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path} is not a checkpoint of this repository (no 'model' entry; has {keys})")
@@ -69,22 +88,6 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: st
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(f"weights in {source} do not fit this model: " + "; ".join(parts))
     model.load_state_dict(state_dict)
-
-
-def load_model_from_checkpoint(path: str, map_location="cpu"):
-    """Rebuild the model a checkpoint describes and load its weights.
-
-    Returns ``(model, checkpoint)``; the model is in eval mode on ``map_location``.
-    ``checkpoint["categories"]`` maps label k to ``categories[k]["id"]`` / ``["name"]``.
-    """
-    from model import build_retinanet  # local import: utils must not depend on model at import time
-
-    checkpoint = load_checkpoint(path, map_location)
-    if "model_config" not in checkpoint:
-        raise CheckpointError(f"{path} has no 'model_config': it cannot rebuild the model on its own")
-    model = build_retinanet(**checkpoint["model_config"])
-    load_state_dict_checked(model, checkpoint["model"], path)
-    return model.to(map_location).eval(), checkpoint
 
 
 def checkpoint_path(output_dir: str, epoch: int, iteration: int) -> str:

@@ -2,15 +2,32 @@
 
 Everything here degrades to the single-process answer when no process group
 exists, so the same code runs under ``python train.py`` and ``torchrun``.
+
+Decisions inside a lock-step loop (skip this step, stop the run) must be taken by
+all ranks together, or one rank waits forever in a collective the others never
+enter: :func:`agree` sums small per-rank counts over a CPU (gloo) group, so the
+answer is the same on every rank and asking never waits on the GPU.
 """
 import datetime
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+_control_group = None  # gloo group for CPU-side agreement when the main backend is NCCL
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+    distributed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -29,33 +46,36 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def init_distributed_mode(args) -> None:
-    """Join the process group that torchrun describes in the environment.
-
-    Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.local_rank``
-    and, on CUDA, ``args.device`` to this process's own GPU. The backend is NCCL
-    for CUDA and gloo for CPU, so a CPU-only machine can run DDP too.
-    """
+def launched_by_torchrun() -> DistInfo:
+    """What torchrun's environment says about this process (no process group is joined)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        args.distributed, args.rank, args.world_size, args.local_rank = False, 0, 1, 0
-        return
-    args.rank = int(os.environ["RANK"])
-    args.world_size = int(os.environ["WORLD_SIZE"])
-    args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    args.distributed = True
-    use_cuda = str(args.device).startswith("cuda")
+        return DistInfo()
+    return DistInfo(True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed_mode(device: torch.device) -> DistInfo:
+    """Join the process group that torchrun describes in the environment (NCCL on CUDA, gloo on CPU).
+
+    ``device`` is this process's device (``utils.device.resolve_device`` with the local rank).
+    """
+    global _control_group
+    info = launched_by_torchrun()
+    if not info.distributed:
+        return info
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(args.local_rank)
-        args.device = f"cuda:{args.local_rank}"
-    backend = "nccl" if use_cuda else "gloo"
+        torch.cuda.set_device(device)
     # A generous timeout: rank 0 may spend minutes on COCO evaluation while the
     # others wait at the next collective.
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    _control_group = dist.new_group(backend="gloo") if use_cuda else None
     dist.barrier()
+    return info
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks (no-op without a process group). Differentiable is not needed."""
+    """Mean of ``tensor`` over ranks (no-op without a process group)."""
     if not is_dist_avail_and_initialized():
         return tensor
     tensor = tensor.clone()
@@ -63,12 +83,24 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / get_world_size()
 
 
+def agree(*counts: float) -> list:
+    """Sum of each count over all ranks, the same list on every rank; ``list(counts)`` alone.
+
+    CPU tensors over gloo: no GPU stream synchronisation. Every rank must call it at the same point.
+    """
+    if not is_dist_avail_and_initialized():
+        return [float(c) for c in counts]
+    tensor = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    dist.all_reduce(tensor, group=_control_group)
+    return tensor.tolist()
+
+
 def all_gather_object(obj) -> list:
     """Gather a picklable object from every rank; ``[obj]`` without a process group."""
     if not is_dist_avail_and_initialized():
         return [obj]
     gathered = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=_control_group)
     return gathered
 
 
@@ -77,7 +109,7 @@ def broadcast_object(obj, src: int = 0):
     if not is_dist_avail_and_initialized():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=_control_group)
     return holder[0]
 
 
@@ -87,5 +119,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _control_group
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+    _control_group = None

@@ -41,18 +41,49 @@ _MIN_CHANNELS = 256
 _MIN_PIXELS = 32 * 32
 
 
-class Conv3x3(nn.Conv2d):
-    """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` that takes the Winograd path
-    where it is faster; same parameters, state dict and initialisation as the plain conv."""
+class WinogradConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (3x3, stride 1, padding 1) that takes the Winograd path where it is faster.
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, winograd: bool = True):
-        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
-        self.winograd = winograd
+    Made from an existing conv by :func:`use_winograd`, sharing its parameters: the
+    state dict, the optimizer's parameter list and the initialisation stay those of the
+    plain conv. ``winograd = False`` turns the fast path off (equivalence tests).
+    """
+
+    winograd = True
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "WinogradConv2d":
+        new = cls(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None,
+                  device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return new
 
     def forward(self, x: Tensor) -> Tensor:
         if self.winograd and winograd_applicable(x, self):
             return conv3x3_winograd(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def winograd_candidate(conv: nn.Module) -> bool:
+    """A plain 3x3 / stride 1 / padding 1 conv wide enough for Winograd to pay off on CPU."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= _MIN_CHANNELS)
+
+
+def use_winograd(module: nn.Module) -> int:
+    """Replace every :func:`winograd_candidate` conv inside ``module`` by a :class:`WinogradConv2d`
+    sharing its parameters; returns how many were replaced. Whether the fast path runs is
+    decided per call (:func:`winograd_applicable`): on GPU, under autocast or torch.compile
+    and on small maps the plain conv runs."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if winograd_candidate(child):
+                setattr(parent, name, WinogradConv2d.from_conv(child))
+                replaced += 1
+    return replaced
 
 
 def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
