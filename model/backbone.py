@@ -7,6 +7,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from utils.checkpoint import CheckpointError, WeightsFileNotFoundError, torch_load
+from utils.errors import ConfigError
+from utils.hub import fetch_published_weights
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +27,16 @@ BACKBONES = {
 _STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
 
-def _resolve_weights(name: str, pretrained):
-    """Map ``pretrained`` to (torchvision weights enum or None, local state dict or None)."""
+def _load_pretrained_state(name: str, pretrained):
+    """The ImageNet state dict ``pretrained`` names (a local file or a torchvision tag), or None for random init.
+
+    A torchvision tag is read from torch's hub cache, downloaded there once; offline, a
+    one-line :class:`utils.hub.WeightsUnavailableError` says which file to copy where.
+    """
     if pretrained in (None, False, "", "none"):
-        return None, None
-    if isinstance(pretrained, str) and (os.path.sep in pretrained or pretrained.endswith((".pth", ".pt"))):
+        return None
+    if isinstance(pretrained, str) and (os.path.isfile(pretrained) or os.path.sep in pretrained
+                                        or pretrained.endswith((".pth", ".pt"))):
         if not os.path.isfile(pretrained):
             raise WeightsFileNotFoundError(f"backbone weights file not found: {pretrained}")
         state = torch_load(pretrained, "backbone weights")
@@ -37,10 +44,18 @@ def _resolve_weights(name: str, pretrained):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise CheckpointError(f"backbone weights {pretrained} hold a {type(state).__name__}, not a state dict")
-        return None, state
+        return state
     enum_name = BACKBONES[name][1]
     tag = "DEFAULT" if pretrained in (True, "imagenet", "DEFAULT") else str(pretrained).split(".")[-1]
-    return torchvision.models.get_weight(f"{enum_name}.{tag}"), None
+    try:
+        weights = torchvision.models.get_weight(f"{enum_name}.{tag}")
+    except (KeyError, ValueError):
+        tags = ", ".join(["DEFAULT"] + [w.name for w in torchvision.models.get_model_weights(BACKBONES[name][0])])
+        raise ConfigError(f"--pretrained-backbone {pretrained}: neither a file nor ImageNet weights of {name} "
+                          f"({enum_name}: {tags}); or 'none' to train from scratch") from None
+    return fetch_published_weights(weights, f"ImageNet weights of the {name} backbone",
+                                   "pass a local copy with --pretrained-backbone PATH, or train from scratch with "
+                                   "--pretrained-backbone none")
 
 
 class ResNetTrunk(nn.Module):
@@ -88,12 +103,14 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
-        weights, local_state = _resolve_weights(name, pretrained)
+        local_state = _load_pretrained_state(name, pretrained)
         if norm == "auto":
-            norm = "frozen_bn" if weights is not None or local_state is not None else "bn"
+            norm = "frozen_bn" if local_state is not None else "bn"
         if norm not in ("frozen_bn", "bn"):
             raise ValueError(f"backbone norm must be 'auto', 'frozen_bn' or 'bn', got {norm!r}")
-        resnet = BACKBONES[name][0](weights=weights, norm_layer=FrozenBatchNorm2d if norm == "frozen_bn"
+        # Built without weights= so that torchvision never downloads by itself: the weights
+        # were fetched above, where an offline failure becomes one line.
+        resnet = BACKBONES[name][0](weights=None, norm_layer=FrozenBatchNorm2d if norm == "frozen_bn"
                                     else nn.BatchNorm2d)
         if local_state is not None:
             missing, unexpected = resnet.load_state_dict(local_state, strict=False)

@@ -28,6 +28,7 @@ from model.torchvision_compat import (BACKBONE_BN_EPS, COCO_CATEGORIES, NUM_TORC
                                       convert_torchvision_state_dict, is_torchvision_retinanet_state_dict)
 from utils.checkpoint import CheckpointError, WeightsFileNotFoundError, load_state_dict_checked, torch_load
 from utils.errors import ConfigError
+from utils.hub import WeightsUnavailableError, fetch_published_weights  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ _TORCHVISION_RETINANET_BUILDERS = ("retinanet_resnet50_fpn", "retinanet_resnet50
 # torchvision runs these weights with FrozenBatchNorm eps 0 (overwrite_eps in its builder).
 _ZERO_EPS_WEIGHTS = {"RetinaNet_ResNet50_FPN_Weights.COCO_V1"}
 CLASSIFIER_KEYS = ("head.cls_logits.weight", "head.cls_logits.bias")
-
-
-class WeightsUnavailableError(CheckpointError):
-    """Published weights that could not be downloaded (no internet, proxy, ...)."""
 
 
 class ArchitectureConflict(ConfigError):
@@ -72,11 +69,17 @@ def configure_from_weights(weights_config: ModelConfig, overrides: dict, source:
     A ``fixed`` field (the architecture: shapes and the meaning of the weights) given a
     different value raises :class:`ArchitectureConflict` naming it.
     """
-    merged = weights_config.replace(**overrides)
     for field in fixed:
-        if field in overrides and getattr(merged, field) != getattr(weights_config, field):
+        if field in overrides and _comparable(overrides[field]) != getattr(weights_config, field):
             raise ArchitectureConflict(field, overrides[field], getattr(weights_config, field), source)
-    return merged
+    return weights_config.replace(**overrides)
+
+
+def _comparable(value):
+    """An option value as ModelConfig stores it (tuples, None for "none")."""
+    if isinstance(value, list):
+        return tuple(value)
+    return None if value == "none" else value
 
 
 def load_detector(spec: str, map_location="cpu", what: str = "weights file", **overrides):
@@ -114,14 +117,8 @@ def read_weights(spec: str, map_location="cpu", what: str = "weights file") -> W
         raise WeightsFileNotFoundError(f"{what} not found: {spec}")
     weights = resolve_torchvision_weights(spec)
     name = f"{type(weights).__name__}.{weights.name}"
-    try:
-        tv_state = weights.get_state_dict(progress=True, check_hash=True, map_location=map_location)
-    except Exception as exc:  # noqa: BLE001 - any download failure means the same to the user
-        reason = " ".join(str(exc).split())
-        raise WeightsUnavailableError(
-            f"could not download {name} from {weights.url} ({type(exc).__name__}: {reason}); without internet, "
-            f"copy {os.path.basename(weights.url)} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} "
-            f"or pass the file's path as the weights") from exc
+    tv_state = fetch_published_weights(weights, "detection weights", "pass a local copy with --weights PATH",
+                                       map_location)
     eps = 0.0 if name in _ZERO_EPS_WEIGHTS else BACKBONE_BN_EPS
     return _from_torchvision(tv_state, name, eps)
 

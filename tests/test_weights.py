@@ -111,10 +111,12 @@ def test_download_failure_says_what_to_do(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(WeightsUnavailableError, match=r"could not download RetinaNet_ResNet50_FPN_Weights\.COCO_V1 "
-                                                      r"from https://.*pass the file's path") as error:
+    with pytest.raises(WeightsUnavailableError, match=r"\(RetinaNet_ResNet50_FPN_Weights\.COCO_V1\) are not in the "
+                                                      r"cache and could not be downloaded from https://") as error:
         load_detector("RetinaNet_ResNet50_FPN_Weights.COCO_V1")
-    assert "retinanet_resnet50_fpn_coco-eeacb38b.pth" in str(error.value)
+    message = str(error.value)
+    assert "copy retinanet_resnet50_fpn_coco-eeacb38b.pth into " + str(tmp_path / "hub" / "checkpoints") in message
+    assert "--weights PATH" in message and "\n" not in message
 
 
 def _write_bad_file(kind: str, directory, coco_checkpoint, torchvision_file) -> tuple:
