@@ -14,6 +14,7 @@ import coco_dataset
 from engine import TrainState, train_one_epoch
 from evaluation import evaluate
 from model import BACKBONES, RetinaNet
+from model.anchor_coverage import coverage_summary
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
 from recipes import DEMO_DATASET, RECIPES, option_help, resolve_config
 from utils import distributed as dist_utils
@@ -127,6 +128,8 @@ def main(config):
                                            hflip_prob=config.hflip_prob, filter_empty=config.filter_empty)
     val_set = coco_dataset.build_dataset(config.data_path, config.val_split)
     model = build_model(config, train_set).to(device).optimize_for(device, channels_last=config.channels_last)
+    if dist_utils.is_main_process() and not config.eval_only:  # small objects no anchor fits: say so now
+        logger.info(coverage_summary(train_set, model.model_config))
     if config.compile:
         model.compile_parts()
     if config.sync_bn and dist.distributed:

@@ -93,7 +93,8 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tens
     Args:
         image: ``ByteTensor[3, H, W]`` RGB.
         boxes: ``FloatTensor[N, 4]`` absolute ``x1, y1, x2, y2`` in this image's pixels.
-        labels: ``Int64Tensor[N]`` in ``[0, len(class_names))``; scores: ``FloatTensor[N]``.
+        labels: ``Int64Tensor[N]`` in ``[0, len(class_names))``; scores: ``FloatTensor[N]``, or None
+            for ground truth (labelled ``"<name>"`` only).
         class_names: label k -> display name.
 
     Returns:
@@ -103,7 +104,10 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tens
         return image.clone()
     height, width = image.shape[-2:]
     line_width, font_size = drawing_sizes(height, width)
-    texts = [f"{class_names[int(label)]} {float(score):.2f}" for label, score in zip(labels, scores)]
+    if scores is None:
+        texts = [str(class_names[int(label)]) for label in labels]
+    else:
+        texts = [f"{class_names[int(label)]} {float(score):.2f}" for label, score in zip(labels, scores)]
     colors = [class_color(int(label)) for label in labels]
     font_args = {}
     font = find_font()

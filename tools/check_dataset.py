@@ -1,0 +1,176 @@
+"""Check a COCO-format dataset before training on it: counts, box sizes and anchor coverage.
+
+    python tools/check_dataset.py --data-path data/mine --split train                 # coco recipe's anchors
+    python tools/check_dataset.py --data-path data/mine --split train --recipe demo --draw 16
+    python tools/check_dataset.py --data-path data/mine --anchor-base-sizes 16 32 64 128 256 --json report.json
+
+It takes train.py's --recipe and model options (same defaults, same resolution into a
+ModelConfig), so the anchors and the training resolution it checks are exactly those a
+``train.py`` run with the same flags would use. Printed: images, boxes, crowd (ignored)
+regions and images without boxes, per class; box sizes at the training resolution; the
+share of boxes whose best anchor reaches the foreground IoU threshold (and 0.4), per class
+and per size range (model/anchor_coverage.py); and, when that share is poor, the cheapest
+change of flags found to raise it, with the coverage it gives. ``--draw N`` writes N images
+with their ground truth drawn, for a visual check of the boxes.
+"""
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import coco_dataset  # noqa: E402
+import train  # noqa: E402
+from model.anchor_coverage import (POOR_COVERAGE, BoxSet, measure_coverage, suggest_settings,  # noqa: E402
+                                   training_image_sizes)
+from model.anchors import default_anchor_sizes  # noqa: E402
+from model.weights import configure_from_weights, read_weights  # noqa: E402
+from recipes import resolve_config  # noqa: E402
+from utils.atomic_io import write_json_atomic  # noqa: E402
+from utils.errors import exit_on_user_error  # noqa: E402
+from utils.logger import setup_logging  # noqa: E402
+from utils.visualize import draw_detections, save_image  # noqa: E402
+
+logger = logging.getLogger("check_dataset")
+_SHOWN = {"recipe", "data_path"}  # train.py options shown in --help besides the model group
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """train.py's parser (so every model option means the same) with the training-only options hidden."""
+    parser = train.get_args_parser()
+    parser.prog = "check_dataset.py"
+    parser.description = ("Counts, box sizes at the training resolution and anchor coverage of a COCO-format "
+                          "split, with the anchors train.py would use given the same --recipe and model options.")
+    for group in parser._action_groups:  # argparse has no public way to hide a group
+        if group.title not in ("model", "positional arguments", "options", "optional arguments"):
+            for action in group._group_actions:
+                if action.dest not in _SHOWN:
+                    action.help = argparse.SUPPRESS
+    check = parser.add_argument_group("check")
+    check.add_argument("--split", help="split to check (default: the recipe's --train-split)")
+    check.add_argument("--draw", type=int, default=0, metavar="N", help="write N images with their ground truth "
+                       "drawn (spread over the split) into --draw-dir")
+    check.add_argument("--draw-dir", help="where --draw writes (default: dataset_check/SPLIT)")
+    check.add_argument("--json", help="also write the figures (and the suggestion) to this JSON file")
+    return parser
+
+
+def model_config_of(config):
+    """The ModelConfig training would build: the recipe's and flags', or with --weights the weights' own."""
+    if not config.weights:
+        return config.model
+    source = read_weights(config.weights)
+    return configure_from_weights(source.config, dict(config.weights_overrides), source.name)
+
+
+def percentiles(values: torch.Tensor) -> str:
+    if len(values) == 0:
+        return "n/a"
+    points = np.percentile(values.numpy(), [0, 5, 50, 95, 100])
+    return "  ".join(f"{p:8.1f}" for p in points)
+
+
+def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
+    """Print the report; return its figures as a plain dict."""
+    num_classes, names = dataset.num_classes, dataset.category_names
+    coverage = measure_coverage(box_set, model_config)
+    images_with_boxes = torch.unique(box_set.image_index)
+    pairs = torch.unique(box_set.image_index * num_classes + box_set.labels)  # (image, class) present
+    images_per_class = torch.bincount(pairs % num_classes, minlength=num_classes)
+    crowd_per_class = torch.bincount(torch.as_tensor(crowd_labels, dtype=torch.long), minlength=num_classes)
+    num_empty = len(dataset) - len(images_with_boxes)
+    fg, bg = model_config.fg_iou_thresh, model_config.bg_iou_thresh
+    print(f"{len(dataset)} images ({num_empty} without boxes), {len(box_set.boxes)} boxes, "
+          f"{int(crowd_per_class.sum())} crowd/ignored regions, {num_classes} classes")
+    per_class = coverage.by_class(num_classes)
+    width = max([len("class")] + [len(n) for n in names])
+    print(f"\n{'class':<{width}}  {'images':>7} {'boxes':>8} {'crowd':>6}  {'IoU>=' + f'{fg:g}':>9} "
+          f"{'IoU>=' + f'{bg:g}':>9}")
+    for k, name in enumerate(names):
+        count, share_fg, share_bg = per_class[k]
+        print(f"{name:<{width}}  {int(images_per_class[k]):>7} {count:>8} {int(crowd_per_class[k]):>6}  "
+              f"{_pct(share_fg):>9} {_pct(share_bg):>9}")
+
+    resized = training_image_sizes(box_set.image_sizes, model_config)
+    scale = (resized / box_set.image_sizes)[box_set.image_index]                           # [G, 2] (y, x)
+    widths = (box_set.boxes[:, 2] - box_set.boxes[:, 0]) * scale[:, 1]
+    heights = (box_set.boxes[:, 3] - box_set.boxes[:, 1]) * scale[:, 0]
+    sizes = model_config.fixed_size or f"shorter side {model_config.min_size}, longer side <= {model_config.max_size}"
+    print(f"\nbox sizes at the training resolution ({sizes}), px:\n{'':<16}{'min':>8}  {'5%':>8}  {'median':>8}  "
+          f"{'95%':>8}  {'max':>8}")
+    for label, values in (("sqrt(area)", coverage.box_size), ("width", widths.float()), ("height", heights.float()),
+                          ("height/width", (heights / widths.clamp(min=1e-6)).float())):
+        print(f"{label:<16}{percentiles(values)}")
+
+    anchor_sizes = default_anchor_sizes(model_config.anchor_base_sizes, model_config.scales_per_octave)
+    print(f"\nanchors: sizes {' '.join('/'.join(map(str, s)) for s in anchor_sizes)} on P3-P"
+          f"{2 + len(anchor_sizes)}, aspect ratios {' '.join(f'{r:g}' for r in model_config.aspect_ratios)}; "
+          f"foreground IoU >= {fg:g}, background < {bg:g}")
+    print(f"{'box size':<12} {'boxes':>8}  {'IoU>=' + f'{fg:g}':>9} {'IoU>=' + f'{bg:g}':>9}")
+    for low, high, count, share_fg, share_bg in coverage.by_size():
+        if count:
+            label = f">= {low}" if math.isinf(high) else f"{low}-{high}"
+            print(f"{label + ' px':<12} {count:>8}  {_pct(share_fg):>9} {_pct(share_bg):>9}")
+    print(f"\nanchor coverage: {_pct(coverage.fg)} of the boxes have an anchor with IoU >= {fg:g} "
+          f"({_pct(coverage.share(bg))} >= {bg:g})")
+
+    suggestion = suggest_settings(box_set, model_config) if coverage.fg < POOR_COVERAGE else None
+    if suggestion is not None:
+        print(f"coverage is poor (< {POOR_COVERAGE:.0%}): with {' '.join(suggestion.flags())} it would be "
+              f"{_pct(suggestion.coverage)}\nsuggested: {' '.join(suggestion.flags())}")
+    elif coverage.fg < POOR_COVERAGE:
+        print("coverage is poor, and no change of anchor sizes, scales, aspect ratios or input size tried "
+              "raises it by 5 points; the low-quality matches still give every box an anchor")
+    else:
+        print("coverage is good")
+    return {"num_images": len(dataset), "num_images_without_boxes": num_empty, "num_boxes": len(box_set.boxes),
+            "num_crowd": int(crowd_per_class.sum()), "coverage": coverage.fg, "coverage_0.4": coverage.share(0.4),
+            "fg_iou_thresh": fg, "classes": [{"name": n, "images": int(images_per_class[k]), "boxes": per_class[k][0],
+                                              "coverage": per_class[k][1]} for k, n in enumerate(names)],
+            "by_size": [{"min": low, "max": None if math.isinf(high) else high, "boxes": count, "coverage": share}
+                        for low, high, count, share, _ in coverage.by_size()],
+            "suggestion": None if suggestion is None else {"flags": suggestion.flags(),
+                                                           "coverage": suggestion.coverage}}
+
+
+def _pct(share: float) -> str:
+    return "-" if math.isnan(share) else f"{share:.1%}"
+
+
+def draw_ground_truth(dataset, count: int, folder: Path) -> None:
+    """``count`` images spread over the dataset with their boxes (and crowd regions, as "ignored") drawn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    indices = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).astype(int))
+    names = list(dataset.category_names) + ["ignored"]
+    for index in tqdm(indices, desc="drawing", unit="img"):
+        image, target = dataset[int(index)]
+        boxes = torch.cat([target["boxes"], target["crowd_boxes"]])
+        labels = torch.cat([target["labels"], torch.full((len(target["crowd_boxes"]),), len(names) - 1)])
+        save_image(draw_detections(image, boxes, labels, None, names), folder / f"{target['image_id']}.jpg")
+    logger.info("%d images with their ground truth drawn -> %s", len(indices), folder)
+
+
+def main(args) -> dict:
+    config = resolve_config(args)
+    split = args.split or config.train_split
+    model_config = model_config_of(config)
+    dataset = coco_dataset.build_dataset(config.data_path, split)
+    print(f"{Path(config.data_path) / 'annotations' / f'instances_{split}.json'} (recipe {config.recipe})")
+    arrays = dataset.box_arrays()
+    report = describe(dataset, BoxSet.from_arrays(arrays), arrays["crowd_labels"], model_config)
+    if args.json:
+        write_json_atomic(args.json, {"data_path": config.data_path, "split": split, **report})
+    if args.draw > 0:
+        draw_ground_truth(dataset, args.draw, Path(args.draw_dir or Path("dataset_check") / split))
+    return report
+
+
+if __name__ == "__main__":
+    setup_logging(verbose=False)
+    exit_on_user_error(main, get_args_parser().parse_args())
