@@ -11,8 +11,10 @@ labels in ``[0, num_classes)`` (label ``k`` is category id ``cat_ids[k]``).
 
 The annotation file is validated as a whole when the dataset is built (before
 any GPU time is spent), vectorised with numpy so that COCO train2017's 860k
-annotations take seconds: malformed entries raise a ValueError naming the file
-and the entry; boxes reaching outside the image are clipped; boxes that are
+annotations take seconds: malformed entries raise a ``utils.errors.DatasetError``
+(a ValueError) naming the file and the entry, a missing file or folder a
+``DatasetNotFoundError`` (a FileNotFoundError), which entry scripts print as one
+line; boxes reaching outside the image are clipped; boxes that are
 empty after clipping are dropped with one counted warning.
 
 Transforms (``RandomHorizontalFlip``, ``Compose``) live in ``utils/transforms.py``
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from utils.errors import DatasetError, DatasetNotFoundError
 from utils.image_io import ImageReadError, read_image
 from utils.transforms import Compose, RandomHorizontalFlip  # noqa: F401  (part of this module's API)
 
@@ -53,17 +56,17 @@ class ParsedAnnotations(NamedTuple):
 
 
 def load_coco_json(ann_file) -> dict:
-    """Read an annotation file; FileNotFoundError lists the splits that do exist."""
+    """Read an annotation file; DatasetNotFoundError lists the splits that do exist."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"annotation file {ann_file} not found{_splits_hint(ann_file.parent)}")
+        raise DatasetNotFoundError(f"annotation file {ann_file} not found{_splits_hint(ann_file.parent)}")
     try:
         with open(ann_file) as f:
             dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann_file}: not a valid JSON file ({e})") from None
+        raise DatasetError(f"{ann_file}: not a valid JSON file ({e})") from None
     if not isinstance(dataset, dict):
-        raise ValueError(f"{ann_file}: not a COCO detection file: the top level is a "
+        raise DatasetError(f"{ann_file}: not a COCO detection file: the top level is a "
                          f"{type(dataset).__name__}, expected an object with 'images', 'annotations', 'categories'")
     return dataset
 
@@ -83,7 +86,7 @@ def parse_coco_detection(dataset: dict, source: str = "annotations") -> ParsedAn
         source: name used in error messages (the annotation file path).
 
     Raises:
-        ValueError: naming ``source`` and the offending entry, for a missing key,
+        DatasetError (a ValueError): naming ``source`` and the offending entry, for a missing key,
             non-integer or duplicate ids, an image without a positive size, an
             annotation whose image_id / category_id is unknown, or a bbox that is
             not 4 finite numbers with non-negative width and height; also when
@@ -92,13 +95,13 @@ def parse_coco_detection(dataset: dict, source: str = "annotations") -> ParsedAn
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             problem = "is missing" if key not in dataset else f"is a {type(dataset[key]).__name__}, not a list"
-            raise ValueError(f"{source}: not a COCO detection file: top-level key '{key}' {problem} "
+            raise DatasetError(f"{source}: not a COCO detection file: top-level key '{key}' {problem} "
                              f"(found keys: {sorted(dataset)[:10]})")
     images, anns, cats = dataset["images"], dataset["annotations"], dataset["categories"]
     if not images:
-        raise ValueError(f"{source}: the dataset has no images")
+        raise DatasetError(f"{source}: the dataset has no images")
     if not cats:
-        raise ValueError(f"{source}: 'categories' is empty; a detector needs at least one category")
+        raise DatasetError(f"{source}: 'categories' is empty; a detector needs at least one category")
 
     cat_ids = _int_column(cats, "id", "category", source)
     cat_names = [str(name) for name in _column(cats, "name", "category", source)]
@@ -110,7 +113,7 @@ def parse_coco_detection(dataset: dict, source: str = "annotations") -> ParsedAn
     bad = ~(np.isfinite(sizes).all(1) & (sizes > 0).all(1))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{source}: image id {image_ids[i]} has height={images[i]['height']!r}, "
+        raise DatasetError(f"{source}: image id {image_ids[i]} has height={images[i]['height']!r}, "
                          f"width={images[i]['width']!r}; both must be positive numbers")
 
     ann_ids = _int_column(anns, "id", "annotation", source)
@@ -126,11 +129,11 @@ def parse_coco_detection(dataset: dict, source: str = "annotations") -> ParsedAn
     bad = ~np.isfinite(xywh).all(1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{source}: {where(i)} has a non-finite bbox {anns[i]['bbox']}")
+        raise DatasetError(f"{source}: {where(i)} has a non-finite bbox {anns[i]['bbox']}")
     bad = (xywh[:, 2] < 0) | (xywh[:, 3] < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{source}: {where(i)} has a bbox with negative width/height {anns[i]['bbox']}; "
+        raise DatasetError(f"{source}: {where(i)} has a bbox with negative width/height {anns[i]['bbox']}; "
                          f"COCO boxes are [x, y, width, height]")
 
     image_order = np.argsort(image_ids, kind="stable")
@@ -139,13 +142,13 @@ def parse_coco_detection(dataset: dict, source: str = "annotations") -> ParsedAn
     image_index = _lookup(image_ids, ann_image_ids)
     if (image_index < 0).any():
         i = int(np.argmax(image_index < 0))
-        raise ValueError(f"{source}: {where(i)} refers to image_id {ann_image_ids[i]}, which is not in 'images'")
+        raise DatasetError(f"{source}: {where(i)} refers to image_id {ann_image_ids[i]}, which is not in 'images'")
     cat_order = np.argsort(cat_ids, kind="stable")
     cat_ids = cat_ids[cat_order]
     labels = _lookup(cat_ids, ann_cat_ids)
     if (labels < 0).any():
         i = int(np.argmax(labels < 0))
-        raise ValueError(f"{source}: {where(i)} has category_id {ann_cat_ids[i]}, which is not in "
+        raise DatasetError(f"{source}: {where(i)} has category_id {ann_cat_ids[i]}, which is not in "
                          f"'categories' (ids: {cat_ids[:20].tolist()}{' ...' if len(cat_ids) > 20 else ''})")
 
     heights, widths = sizes[image_index, 0], sizes[image_index, 1]
@@ -179,16 +182,16 @@ def _describe(entry) -> str:
 
 
 def _column(entries: list, key: str, kind: str, source: str) -> list:
-    """``[entry[key] for entry in entries]``, or a ValueError naming the first entry lacking it."""
+    """``[entry[key] for entry in entries]``, or a DatasetError naming the first entry lacking it."""
     try:
         return [entry[key] for entry in entries]
     except (KeyError, TypeError, IndexError):
         pass
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise ValueError(f"{source}: {kind} #{index} is not a JSON object: {entry!r:.80}")
+            raise DatasetError(f"{source}: {kind} #{index} is not a JSON object: {entry!r:.80}")
         if key not in entry:
-            raise ValueError(f"{source}: {kind} #{index}{_describe(entry)} has no '{key}' "
+            raise DatasetError(f"{source}: {kind} #{index}{_describe(entry)} has no '{key}' "
                              f"(not COCO detection format)")
     raise AssertionError("unreachable")
 
@@ -200,9 +203,9 @@ def _int_column(entries: list, key: str, kind: str, source: str) -> np.ndarray:
         return array.astype(np.int64)
     for index, value in enumerate(values):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not -2**63 <= value < 2**63:
-            raise ValueError(f"{source}: {kind} #{index}{_describe(entries[index])} has {key}={value!r:.80}; "
+            raise DatasetError(f"{source}: {kind} #{index}{_describe(entries[index])} has {key}={value!r:.80}; "
                              f"COCO ids must be integers")
-    raise ValueError(f"{source}: '{key}' of the {kind} entries are not all integers")
+    raise DatasetError(f"{source}: '{key}' of the {kind} entries are not all integers")
 
 
 def _number_column(entries: list, key: str, kind: str, source: str) -> np.ndarray:
@@ -212,13 +215,13 @@ def _number_column(entries: list, key: str, kind: str, source: str) -> np.ndarra
         return array.astype(np.float64)
     for index, value in enumerate(values):
         if not _is_number(value):
-            raise ValueError(f"{source}: {kind} #{index}{_describe(entries[index])} has {key}={value!r:.80}, "
+            raise DatasetError(f"{source}: {kind} #{index}{_describe(entries[index])} has {key}={value!r:.80}, "
                              f"expected a number")
-    raise ValueError(f"{source}: '{key}' of the {kind} entries are not all numbers")
+    raise DatasetError(f"{source}: '{key}' of the {kind} entries are not all numbers")
 
 
 def _bbox_column(anns: list, source: str) -> np.ndarray:
-    """``float64 [A, 4]`` from the ``bbox`` lists; ValueError naming the first malformed one."""
+    """``float64 [A, 4]`` from the ``bbox`` lists; DatasetError naming the first malformed one."""
     values = _column(anns, "bbox", "annotation", source)
     if not values:
         return np.zeros((0, 4))
@@ -230,9 +233,9 @@ def _bbox_column(anns: list, source: str) -> np.ndarray:
         return array.astype(np.float64)
     for index, bbox in enumerate(values):
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise ValueError(f"{source}: annotation #{index}{_describe(anns[index])} has bbox {bbox!r:.80}; "
+            raise DatasetError(f"{source}: annotation #{index}{_describe(anns[index])} has bbox {bbox!r:.80}; "
                              f"expected [x, y, width, height] (4 numbers)")
-    raise ValueError(f"{source}: the annotation bboxes are not all lists of 4 numbers")
+    raise DatasetError(f"{source}: the annotation bboxes are not all lists of 4 numbers")
 
 
 def _is_number(value) -> bool:
@@ -243,7 +246,7 @@ def _check_unique(ids: np.ndarray, what: str, source: str):
     sorted_ids = np.sort(ids)
     duplicate = sorted_ids[1:] == sorted_ids[:-1]
     if duplicate.any():
-        raise ValueError(f"{source}: {what} {sorted_ids[1:][duplicate][0]} appears more than once")
+        raise DatasetError(f"{source}: {what} {sorted_ids[1:][duplicate][0]} appears more than once")
 
 
 def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -252,6 +255,23 @@ def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
         return np.full(len(queries), -1, dtype=np.int64)
     position = np.clip(np.searchsorted(sorted_keys, queries), 0, len(sorted_keys) - 1)
     return np.where(sorted_keys[position] == queries, position, -1).astype(np.int64)
+
+
+def read_image_list(ann_file) -> dict:
+    """``{file_name: image id}`` of an annotation or image-info file (``images`` with ``id`` and ``file_name``)."""
+    dataset, source = load_coco_json(ann_file), str(ann_file)
+    images = dataset.get("images")
+    if not isinstance(images, list) or not images:
+        raise DatasetError(f"{source}: no 'images' list; an image-info file lists each image's id and file_name")
+    image_ids = _int_column(images, "id", "image", source)
+    _check_unique(image_ids, "image id", source)
+    file_names = [str(name) for name in _column(images, "file_name", "image", source)]
+    seen = set()
+    for name in file_names:
+        if name in seen:
+            raise DatasetError(f"{source}: file_name {name!r} appears more than once")
+        seen.add(name)
+    return dict(zip(file_names, image_ids.tolist()))
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -263,6 +283,8 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: callable ``(image, target) -> (image, target)``, or None.
         filter_empty: drop images with no non-crowd box (detectron2's default for
             training); otherwise they stay as negatives (background-only images).
+        image_info: also accept a file without ``annotations``, an image list such as COCO
+            test-dev's ``image_info_test-dev2017.json`` (images + categories), to run a model on.
 
     ``dataset[i]`` is ``(image, target)``:
         image: ``ByteTensor[3, H, W]`` uint8 RGB (the model converts to float;
@@ -278,13 +300,15 @@ class CocoDetection(torch.utils.data.Dataset):
     naming the file; the training loop decides whether to skip it.
     """
 
-    def __init__(self, image_dir, ann_file, transforms=None, filter_empty: bool = False):
+    def __init__(self, image_dir, ann_file, transforms=None, filter_empty: bool = False, image_info: bool = False):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         if not self.ann_file.is_file():  # checked before the (slow) json load of a big file
-            raise FileNotFoundError(f"annotation file {ann_file} not found{_splits_hint(self.ann_file.parent)}")
+            raise DatasetNotFoundError(f"annotation file {ann_file} not found{_splits_hint(self.ann_file.parent)}")
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder {image_dir} not found (annotations: {ann_file})")
+            raise DatasetNotFoundError(f"image folder {image_dir} not found (annotations: {ann_file})")
         dataset = load_coco_json(self.ann_file)
+        if image_info and "annotations" not in dataset:
+            dataset = {**dataset, "annotations": []}  # an image list without ground truth: every image is empty
         parsed = parse_coco_detection(dataset, source=str(self.ann_file))
         self.coco = COCO()
         self.coco.dataset = dataset  # reuse the parsed json instead of reading the file twice
@@ -299,7 +323,7 @@ class CocoDetection(torch.utils.data.Dataset):
             num_boxes = np.bincount(owner[~parsed.is_crowd], minlength=len(rows))
             rows = rows[num_boxes > 0]
             if len(rows) == 0:
-                raise ValueError(f"{ann_file}: no image has a (non-crowd) box, so filter_empty leaves nothing")
+                raise DatasetError(f"{ann_file}: no image has a (non-crowd) box, so filter_empty leaves nothing")
         self._rows = rows  # dataset index -> row in the parsed arrays
         self.ids = parsed.image_ids[rows].tolist()
         self.cat_ids = list(parsed.cat_ids)
@@ -314,7 +338,7 @@ class CocoDetection(torch.utils.data.Dataset):
         sample = np.unique(np.linspace(0, len(self._rows) - 1, num=min(3, len(self._rows))).astype(int))
         paths = [self.image_dir / self._parsed.file_names[self._rows[i]] for i in sample]
         if not any(path.is_file() for path in paths):
-            raise FileNotFoundError(f"none of the images checked exist, e.g. {paths[0]}: is {self.image_dir} "
+            raise DatasetNotFoundError(f"none of the images checked exist, e.g. {paths[0]}: is {self.image_dir} "
                                     f"the image folder for {self.ann_file}?")
 
     def __len__(self) -> int:

@@ -19,6 +19,14 @@ class ConfigError(UserError, ValueError):
     """Options that do not fit together (a flag, a recipe value, a model configuration key)."""
 
 
+class DatasetError(UserError, ValueError):
+    """An annotation file or dataset that cannot be used; the message names the file and the entry."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """A missing annotation file or image folder; the message says what does exist."""
+
+
 # Long enough for rank 0 to reach the same error (ranks fail at the same step, give or take a
 # slow file system or DNS look-up), short enough not to matter when only this rank failed.
 OTHER_RANKS_EXIT_DELAY_S = 5.0
