@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
-from test_train import REPO, final_weights, run, train_command
+import coco_dataset
+from test_ddp import first_batches
+from test_train import REPO, final_weights, kill_when, resume_and_check_position, run, train_command
 from utils.checkpoint import CheckpointError, find_resumable_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from utils.demo_data import generate_demo_dataset
 
@@ -31,17 +33,18 @@ def wait_for(predicate, timeout=300):
 
 
 def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(tiny_data, tmp_path):
+    """Data-loading workers and multi-scale training: the resumed run must restore the RNG state (the
+    scale of each image is drawn in the main process) and the position in the epoch to match."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    args = ("--epochs", "2", "--checkpoint-every", "2")
+    args = ("--epochs", "2", "--checkpoint-every", "2", "--workers", "1", "--min-size", "48", "56", "64")
     run(train_command(tiny_data, full, *args))
     proc = subprocess.Popen(train_command(tiny_data, killed, *args), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Iteration 2 of the 3-iteration first epoch is a mid-epoch checkpoint.
-    assert wait_for(lambda: any("_i00000002" in c for c in list_checkpoints(str(killed))))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: any("_i00000002" in c for c in list_checkpoints(str(killed))))
     assert not (killed / "model_final.pth").exists()
-    run(train_command(tiny_data, killed, *args, "--resume", "auto"))
+    state = resume_and_check_position(train_command(tiny_data, killed, *args, "--resume", "auto"), killed)
+    assert state["iteration"] < 6 and state["batch_in_epoch"] > 0 and state["rng"] is not None
     expected, resumed = final_weights(full), final_weights(killed)
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
@@ -113,3 +116,31 @@ def test_too_many_corrupt_images_stop_with_clear_error(data_with_corrupt_images,
     assert result.returncode != 0
     assert "more than --max-bad-images 1" in result.stderr
     assert all(name in result.stdout + result.stderr for name in bad)
+
+
+def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
+    """The counters live in the checkpoint: a resumed run continues the bad-image count (and the
+    --max-bad-images budget) where the killed one left it, instead of starting again at 0."""
+    root = tmp_path / "data"
+    generate_demo_dataset(root, num_train=24, num_val=4, image_size=64, seed=4, show_progress=False)
+    dataset = coco_dataset.build_dataset(str(root), "train", train=True)
+    batches = first_batches(dataset, rank=0, count=3, batch_per_rank=4, world_size=1)
+    for name in (batches[0][1], batches[2][3]):  # read in iterations 1 and 3 of the first epoch
+        (root / "train" / name).write_bytes(b"not an image")
+    args = ("--epochs", "2", "--checkpoint-every", "1", "--max-bad-images", "4")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(train_command(str(root), full, *args))
+    proc = subprocess.Popen(train_command(str(root), killed, *args), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: any("_i00000004" in c for c in list_checkpoints(str(killed))))
+    at_kill = load_checkpoint(list_checkpoints(str(killed))[0])
+    assert at_kill["bad_images"] == 2 and at_kill["iteration"] < 12
+    result = run(train_command(str(root), killed, *args, "--resume", "auto"))
+    assert "2 bad images" in result.stdout + result.stderr  # the resume line reports the restored count
+
+    def last_count(out):
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return [r for r in records if r["type"] == "train"][-1]["bad_images"]
+
+    # Both images, once per epoch; a resumed run counting from 0 again would end at 2.
+    assert last_count(full) == last_count(killed) == 4

@@ -209,3 +209,24 @@ def _tiny_torchvision_like_state(num_classes: int) -> dict:
     state["head.regression_head.bbox_reg.weight"] = torch.zeros(36, 256, 3, 3)
     return state
 
+
+
+def test_an_option_given_explicitly_overrides_the_weights_even_at_our_default(models, tmp_path):
+    """``detections_per_img=100`` is our default but not torchvision's (300): given explicitly, it applies,
+    and the converted model detects exactly what torchvision's own model built with that value does."""
+    tv_model, _ = models
+    path = tmp_path / "tv.pth"
+    torch.save(tv_model.state_dict(), path)
+    settings = {**SETTINGS, "score_thresh": 0.05, "topk_candidates": 1000}
+    tv_capped = BUILDERS[tv_model.version](weights=None, weights_backbone=None, num_classes=91,
+                                           **{**settings, "detections_per_img": 100})
+    tv_capped.load_state_dict(tv_model.state_dict())
+    ours = build_retinanet(weights=str(path), **{**settings, "detections_per_img": 100})
+    uncapped = build_retinanet(weights=str(path), **{k: v for k, v in settings.items() if k != "detections_per_img"})
+    assert ours.detections_per_img == 100 and uncapped.detections_per_img == 300  # torchvision's own default
+    with torch.no_grad():
+        expected, got, more = tv_capped.eval()(BATCH), ours(BATCH), uncapped(BATCH)
+    for tv_det, det, det_300 in zip(expected, got, more):
+        assert len(tv_det["scores"]) == len(det["scores"]) == 100 < len(det_300["scores"])
+        torch.testing.assert_close(det["scores"], tv_det["scores"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(det["boxes"], tv_det["boxes"], rtol=0, atol=1e-2)

@@ -56,18 +56,35 @@ def final_weights(out):
     return load_checkpoint(os.path.join(out, "model_final.pth"))["model"]
 
 
+def kill_when(proc, predicate, timeout=300) -> None:
+    """SIGKILL ``proc`` as soon as ``predicate()`` holds; fails the test if it never does."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not predicate():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert predicate(), "the awaited checkpoint never appeared before the deadline"
+
+
+def resume_and_check_position(command, out_dir) -> dict:
+    """Run ``command`` (a ``--resume auto`` run): it must say it resumed exactly at the newest checkpoint
+    the killed run left. Returns that checkpoint."""
+    state = load_checkpoint(list_checkpoints(str(out_dir))[0])
+    result = run(command)
+    expected = f"resumed at epoch {state['epoch']}, batch {state['batch_in_epoch']}, iteration {state['iteration']}"
+    assert expected in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    return state
+
+
 def test_killed_after_epoch_one_resumes_to_identical_weights(tiny_data, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(train_command(tiny_data, full, "--epochs", "3"))
     proc = subprocess.Popen(train_command(tiny_data, killed, "--epochs", "3"), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any("checkpoint_e0001" in c for c in list_checkpoints(str(killed))):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: any("checkpoint_e0001" in c for c in list_checkpoints(str(killed))))
     assert not (killed / "model_final.pth").exists(), "run finished before it could be killed"
-    run(train_command(tiny_data, killed, "--epochs", "3", "--resume", "auto"))
+    state = resume_and_check_position(train_command(tiny_data, killed, "--epochs", "3", "--resume", "auto"), killed)
+    assert 1 <= state["epoch"] < 3  # there was work left to resume
     expected, resumed = final_weights(full), final_weights(killed)
     assert expected.keys() == resumed.keys()
     for key in expected:
@@ -75,7 +92,7 @@ def test_killed_after_epoch_one_resumes_to_identical_weights(tiny_data, tmp_path
 
 
 def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
     cmd += train_command(tiny_data, tmp_path, "--epochs", "1", "--device", "cpu")[1:]
     result = run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert "all 2 ranks agree on the final weights" in result.stdout + result.stderr
@@ -105,3 +122,46 @@ def test_fine_tune_from_checkpoint_with_weights_flag(tiny_data, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--fpn-channels 64 contradicts --weights" in result.stderr and "fpn_channels = 32" in result.stderr
+
+
+class FakeTrainSet:
+    num_classes = 2
+    categories = [{"id": 1, "name": "circle"}, {"id": 5, "name": "star"}]
+
+
+@pytest.fixture(scope="module")
+def giou_checkpoint(tmp_path_factory):
+    """One of our checkpoints whose configuration trains with GIoU (as torchvision's v2 weights do)."""
+    from model import build_retinanet
+    from utils.checkpoint import save_checkpoint
+    source = build_retinanet(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, box_loss="giou",
+                             num_extra_levels=1, anchor_base_sizes=(16, 32, 64, 128), min_size=64, max_size=64)
+    path = tmp_path_factory.mktemp("giou") / "giou.pth"
+    save_checkpoint({"model": source.state_dict(), "model_config": source.config,
+                     "categories": [{"id": i, "name": n} for i, n in enumerate(["circle", "square", "star"])]},
+                    str(path))
+    return str(path)
+
+
+def build_from_command_line(*argv):
+    import train
+    from recipes import resolve_config
+    return train.build_model(resolve_config(train.get_args_parser().parse_args(list(argv))), FakeTrainSet())
+
+
+def test_weights_with_an_explicit_box_loss_train_with_that_loss(giou_checkpoint):
+    model = build_from_command_line("--data-path", "/unused", "--weights", giou_checkpoint)
+    assert model.model_config.box_loss == "giou" and model.loss.box_loss == "giou"  # the weights' own
+    model = build_from_command_line("--data-path", "/unused", "--weights", giou_checkpoint, "--box-loss", "smooth_l1")
+    assert model.model_config.box_loss == "smooth_l1" and model.loss.box_loss == "smooth_l1"
+    assert model.config["fpn_channels"] == 32 and model.num_classes == 2  # architecture from the weights
+    assert model.model_config.min_size == 800  # the recipe's input size still applies
+
+
+def test_weights_with_a_contradicting_architecture_flag_name_it(giou_checkpoint):
+    from utils.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"--num-extra-levels 2 contradicts --weights .*num_extra_levels = 1"):
+        build_from_command_line("--data-path", "/unused", "--weights", giou_checkpoint, "--num-extra-levels", "2")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_from_command_line("--data-path", "/unused", "--weights", giou_checkpoint,
+                                "--pretrained-backbone", "DEFAULT")

@@ -1,0 +1,72 @@
+"""DDP on CPU (torchrun, 2 processes): decisions inside the lock-step loop are taken by all ranks together."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import coco_dataset
+from test_train import REPO, train_command
+from utils.demo_data import generate_demo_dataset
+from utils.loaders import build_train_loader
+
+
+def torchrun(data, out, *extra, timeout=300):
+    """``torchrun --standalone`` (a free port each time) with 2 CPU processes; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += train_command(data, out, "--device", "cpu", *extra)[1:]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def first_batches(dataset, rank: int, count: int, batch_per_rank: int = 2, seed: int = 42, world_size: int = 2):
+    """File names of rank ``rank``'s first ``count`` batches of epoch 0, as train.py's loader draws them."""
+    loader = build_train_loader(dataset, batch_per_rank, 0, seed, rank, world_size)
+    loader.batch_sampler.set_epoch(0)
+    batches = []
+    for batch in loader.batch_sampler:
+        batches.append([dataset.coco.imgs[dataset.ids[index]]["file_name"] for index, _ in batch])
+        if len(batches) == count:
+            return batches
+    raise AssertionError("not enough batches")
+
+
+@pytest.fixture()
+def one_rank_batch_unreadable(tmp_path):
+    """24 training images: every image of rank 1's first batch and one of rank 0's second batch are corrupt."""
+    root = tmp_path / "data"
+    generate_demo_dataset(str(root), num_train=24, num_val=4, image_size=64, seed=5, show_progress=False)
+    dataset = coco_dataset.build_dataset(str(root), "train", train=True)
+    rank1_first = first_batches(dataset, rank=1, count=1)[0]
+    rank0_second = first_batches(dataset, rank=0, count=2)[1][:1]
+    for name in rank1_first + rank0_second:
+        (root / "train" / name).write_bytes(b"not an image")
+    return str(root), rank1_first, rank0_second
+
+
+def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(one_rank_batch_unreadable, tmp_path):
+    data, rank1_bad, rank0_bad = one_rank_batch_unreadable
+    out = tmp_path / "run"
+    result = torchrun(data, out, "--epochs", "1", "--max-bad-images", "10")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "1 rank(s) have no readable image in their batch; step skipped on every rank" in output
+    for name in rank1_bad + rank0_bad:  # rank 0 names every rank's skipped images
+        assert name in result.stdout
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["type"] == "train"]
+    assert train_records[-1]["bad_images"] == 3  # summed over the ranks: 2 on rank 1, 1 on rank 0
+    assert train_records[-1]["iteration"] == 5  # 6 batches per rank, one skipped by both
+    assert "all 2 ranks agree on the final weights" in output
+
+
+def test_the_bad_image_budget_stops_every_rank_with_one_message(one_rank_batch_unreadable, tmp_path):
+    data, rank1_bad, _ = one_rank_batch_unreadable
+    result = torchrun(data, tmp_path / "run", "--epochs", "1", "--max-bad-images", "1")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]  # printed once, by rank 0
+    # The first step already skips 2 (all of rank 1's batch): every rank stops there.
+    assert "2 unreadable training images skipped, more than --max-bad-images 1" in errors[0]
+    assert all(name in errors[0] for name in rank1_bad)

@@ -1,0 +1,79 @@
+"""Recipe and option resolution: command line -> one frozen TrainConfig (recipes.py)."""
+import dataclasses
+
+import pytest
+
+from recipes import RECIPES, TrainConfig, resolve_config
+from train import get_args_parser
+from utils.errors import ConfigError
+
+
+def resolve(*argv):
+    return resolve_config(get_args_parser().parse_args(list(argv)))
+
+
+def test_no_dataset_means_the_demo_recipe_on_generated_data():
+    config = resolve()
+    assert config.recipe == "demo" and config.demo_data and config.data_path == "data/demo"
+    assert config.model.backbone == "resnet18" and config.model.head_norm == "gn" and config.model.min_size == 128
+    assert config.optimizer == "adamw" and config.lr == 2e-3 and config.epochs == 4 and config.schedule == "cosine"
+    assert config.pretrained_backbone is None and config.given == frozenset()
+
+
+def test_a_data_path_means_the_coco_recipe_with_linear_lr_scaling():
+    config = resolve("--data-path", "/data/coco")
+    assert config.recipe == "coco" and not config.demo_data
+    assert (config.train_split, config.val_split) == ("train2017", "val2017")
+    assert config.model.backbone == "resnet50" and config.model.min_size == 800 and config.model.max_size == 1333
+    assert config.pretrained_backbone == "DEFAULT" and config.epochs == 12 and config.lr_steps == (8, 11)
+    assert config.lr == pytest.approx(0.01)
+    assert resolve("--data-path", "/d", "--batch-size", "32").lr == pytest.approx(0.02)
+    assert resolve("--data-path", "/d", "--schedule", "3x").epochs == 36
+
+
+def test_demo_recipe_on_your_own_data_and_every_flag_still_overrides():
+    config = resolve("--recipe", "demo", "--data-path", "/my/data", "--train-split", "tr", "--fpn-channels", "64",
+                     "--min-size", "96", "112", "--lr", "0.001")
+    assert config.recipe == "demo" and not config.demo_data and config.data_path == "/my/data"
+    assert config.model.backbone == "resnet18" and config.model.fpn_channels == 64  # recipe, then the flag
+    assert config.model.min_size == (96, 112) and config.lr == 0.001 and config.train_split == "tr"
+    assert config.val_split == "val"  # the demo recipe's name for it
+    with pytest.raises(ConfigError, match="needs --data-path"):
+        resolve("--recipe", "coco")
+
+
+def test_a_flag_equal_to_the_default_still_counts_as_given():
+    config = resolve("--box-loss", "smooth_l1", "--data-path", "/d")
+    assert "box_loss" in config.given and ("box_loss", "smooth_l1") in config.weights_overrides
+    # With --weights, only explicit values (and the recipe's input size) go on top of the weights' own.
+    overrides = dict(resolve("--data-path", "/d").weights_overrides)
+    assert overrides == {"min_size": 800, "max_size": 1333}
+    assert "backbone" not in overrides and "anchor_base_sizes" not in overrides
+
+
+def test_the_config_is_frozen_and_serialises_flat():
+    config = resolve("--data-path", "/d", "--head-norm", "gn")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.fpn_channels = 1
+    flat = config.to_dict()
+    assert flat["head_norm"] == "gn" and flat["data_path"] == "/d" and flat["given"] == ["data_path", "head_norm"]
+    assert flat["anchor_base_sizes"] == RECIPES["coco"]["anchor_base_sizes"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--hflip-prob", "1.5"], "--hflip-prob 1.5"),
+    (["--anchor-base-sizes", "16", "32"], "4 pyramid levels need 4 anchor_base_sizes"),
+    (["--schedule", "steps"], "needs --lr-steps"),
+])
+def test_bad_options_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(*argv)
+
+
+@pytest.mark.parametrize("setting,num_images,limit", [(None, 500, 10), (None, 50_000, 50), (0.01, 1000, 10),
+                                                       (3, 10, 3), (0, 100, 0)])
+def test_bad_image_budget_allows_a_few_images_on_small_datasets(setting, num_images, limit):
+    assert TrainConfig(max_bad_images=setting).bad_image_limit(num_images) == limit
