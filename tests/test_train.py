@@ -1,4 +1,5 @@
 """train.py end to end on a tiny synthetic COCO-format dataset (CPU)."""
+import json
 import os
 import signal
 import subprocess
@@ -165,3 +166,16 @@ def test_weights_with_a_contradicting_architecture_flag_name_it(giou_checkpoint)
     with pytest.raises(ConfigError, match="exclude each other"):
         build_from_command_line("--data-path", "/unused", "--weights", giou_checkpoint,
                                 "--pretrained-backbone", "DEFAULT")
+
+
+def test_evaluation_script_on_a_trained_checkpoint_reproduces_the_training_evaluation(tiny_data, tmp_path):
+    """``evaluation.py --checkpoint`` end to end: the model, the data path and the split come from the
+    checkpoint alone, and the figures equal those train.py computed at the end of training."""
+    run(train_command(tiny_data, tmp_path, "--epochs", "1", "--amp", "bf16"))
+    during_training = json.loads((tmp_path / "eval_val" / "metrics.json").read_text())
+    result = run([sys.executable, os.path.join(REPO, "evaluation.py"), "--checkpoint",
+                  str(tmp_path / "model_final.pth"), "--output-dir", str(tmp_path / "again"), "--workers", "0",
+                  "--batch-size", "2", "--amp", "bf16"])
+    assert "evaluating" in result.stdout and "COCO bbox evaluation" in result.stdout
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == during_training
+    assert set(during_training) >= {"AP", "AP50", "per_category"}
