@@ -60,7 +60,7 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, stat
         loader: yields ``(images, targets, bad)`` (``utils.loaders.build_train_loader``);
             ``bad`` lists the messages of this batch's unreadable images (skipped).
         state: updated in place and returned.
-        config: the run's ``recipes.TrainConfig`` (epochs, clip_grad_norm, print_freq,
+        config: the run's ``recipes.TrainConfig`` (epochs, iters, clip_grad_norm, print_freq,
             checkpoint_every, max_iters, max_non_finite, output_dir).
         save_checkpoint: ``save_checkpoint(state)`` writes a checkpoint (rank 0).
         bad_image_limit: the run stops past this many skipped images (all ranks together).
@@ -76,7 +76,10 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, stat
     batch_sampler = loader.batch_sampler
     total_batches = len(batch_sampler.batch_sampler)
     world_size = get_world_size()
-    progress = tqdm(loader, total=len(batch_sampler), desc=f"epoch {state.epoch + 1}/{config.epochs}",
+    # With --iters the schedule may end part-way through its last epoch.
+    remaining = config.total_iters(total_batches) - state.iteration
+    progress = tqdm(loader, total=max(0, min(len(batch_sampler), remaining)),
+                    desc=f"epoch {state.epoch + 1}/{config.num_epochs(total_batches)}",
                     disable=not is_main_process(), dynamic_ncols=True)
     running = {"classification": torch.zeros((), device=device), "bbox_regression": torch.zeros((), device=device)}
     window_images, window_start, window_iters = 0, time.time(), 0
@@ -118,7 +121,8 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, stat
         window_images += len(images)
         window_iters += 1
 
-        if state.iteration % config.print_freq == 0 or batch_in_epoch + 1 == total_batches:
+        end_of_schedule = bool(config.iters) and state.iteration >= config.iters
+        if state.iteration % config.print_freq == 0 or batch_in_epoch + 1 == total_batches or end_of_schedule:
             elapsed = time.time() - window_start
             means = {k: all_reduce_mean(v / window_iters).item() for k, v in running.items()}
             record = {"type": "train", "epoch": state.epoch + 1, "iteration": state.iteration,
@@ -136,6 +140,8 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, stat
         if config.checkpoint_every and state.iteration % config.checkpoint_every == 0 \
                 and batch_in_epoch + 1 < total_batches:
             save_checkpoint(state)
+        if end_of_schedule:  # the epoch (and the run) ends here, as if the epoch were over
+            break
         stop_here = bool(config.max_iters and state.iteration >= config.max_iters)
         (num_stopping,) = agree(stop_request is not None and stop_request.requested)
         if num_stopping:

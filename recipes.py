@@ -74,6 +74,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     epochs: int = 12
+    iters: int = 0  # > 0: the schedule's length in iterations instead of epochs (see total_iters)
     schedule: str = "1x"
     lr_steps: tuple = (8, 11)
     warmup_iters: int = 1000
@@ -117,6 +118,19 @@ class TrainConfig:
             return int(self.max_bad_images * num_images)
         return int(self.max_bad_images)
 
+    def total_iters(self, iters_per_epoch: int) -> int:
+        """Length of the schedule in iterations: ``iters`` if set, else ``epochs`` full epochs.
+
+        The warmup, the decay steps (``lr_steps`` are scaled from ``epochs`` to this length) and
+        the cosine all run over it; at its end come the final checkpoint and the evaluation. With
+        ``iters``, the run's result depends on the iteration budget alone, not on the dataset's size.
+        """
+        return self.iters if self.iters else self.epochs * iters_per_epoch
+
+    def num_epochs(self, iters_per_epoch: int) -> int:
+        """Epochs the schedule spans; with ``iters`` the last one may stop part-way."""
+        return -(-self.total_iters(iters_per_epoch) // max(iters_per_epoch, 1))
+
     def to_dict(self) -> dict:
         """Flat plain dict for checkpoints (``args``): the options with the model's fields inline."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -137,6 +151,8 @@ def resolve_config(args) -> TrainConfig:
     if values.get("data_path") is None:
         raise ConfigError("--recipe coco needs --data-path (a COCO-format root with annotations/ and images)")
 
+    if "iters" in given and "epochs" in given:
+        raise ConfigError("--iters and --epochs exclude each other: give the schedule's length one way")
     schedule = values.get("schedule", TrainConfig.schedule)
     default_epochs, default_steps = SCHEDULES.get(schedule, (12, [8, 11]))
     values.setdefault("epochs", default_epochs)
@@ -172,7 +188,8 @@ _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"m
 
 def _check_ranges(values: dict) -> None:
     checks = [("batch_size", lambda v: v >= 1, ">= 1"), ("workers", lambda v: v >= 0, ">= 0"),
-              ("epochs", lambda v: v >= 1, ">= 1"), ("lr", lambda v: v > 0, "> 0"),
+              ("epochs", lambda v: v >= 1, ">= 1"), ("iters", lambda v: v >= 0, ">= 0"),
+              ("lr", lambda v: v > 0, "> 0"),
               ("hflip_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("max_bad_images", lambda v: v >= 0, ">= 0"),
               ("warmup_iters", lambda v: v >= 0, ">= 0"), ("max_non_finite", lambda v: v >= 1, ">= 1"),
               ("print_freq", lambda v: v >= 1, ">= 1"), ("keep_checkpoints", lambda v: v >= 1, ">= 1")]

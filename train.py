@@ -15,6 +15,7 @@ from engine import TrainState, train_one_epoch
 from evaluation import evaluate
 from model import BACKBONES, RetinaNet
 from model.anchor_coverage import coverage_summary
+from model.config import CLS_LOSSES
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
 from recipes import DEMO_DATASET, RECIPES, option_help, resolve_config
 from utils import distributed as dist_utils
@@ -72,6 +73,34 @@ def get_args_parser():
                      help=h("min_size", "shorter side; several values = multi-scale training"))
     mdl.add_argument("--max-size", type=int, help=h("max_size", "longer side cap"))
     mdl.add_argument("--box-loss", choices=["smooth_l1", "l1", "giou"], help=h("box_loss", "box loss"))
+    # The paper's Table 1 knobs (README "Reproducing the paper"; tools/ablate.py runs the grids).
+    mdl.add_argument("--cls-loss", dest="cls_loss", choices=list(CLS_LOSSES),
+                     help=h("cls_loss", "classification loss: focal (eq. 5); ce: sigmoid cross-entropy, no alpha; "
+                            "balanced-ce: alpha-balanced CE (eq. 3, --focal-alpha); ohem: CE over the hardest "
+                            "anchors per image (--ohem-*)"))
+    mdl.add_argument("--focal-gamma", dest="focal_gamma", type=float, help=h("focal_gamma", "focusing parameter"))
+    mdl.add_argument("--focal-alpha", dest="focal_alpha", type=float,
+                     help=h("focal_alpha", "weight of the foreground terms (focal, balanced-ce); negative = none"))
+    mdl.add_argument("--prior-prob", dest="prior_prob", type=float,
+                     help=h("prior_prob", "initial foreground probability pi of the classifier (0 = bias 0, "
+                            "no prior; with CE the paper reports divergence)"))
+    mdl.add_argument("--scales-per-octave", dest="scales_per_octave", type=int,
+                     help=h("scales_per_octave", "anchor scales per level: 2^(k/n), k = 0..n-1"))
+    mdl.add_argument("--aspect-ratios", dest="aspect_ratios", type=float, nargs="+",
+                     help=h("aspect_ratios", "anchor aspect ratios (height / width)"))
+    mdl.add_argument("--fg-iou-thresh", dest="fg_iou_thresh", type=float,
+                     help=h("fg_iou_thresh", "anchor IoU at or above which it is foreground"))
+    mdl.add_argument("--bg-iou-thresh", dest="bg_iou_thresh", type=float,
+                     help=h("bg_iou_thresh", "anchor IoU below which it is background (in between: ignored)"))
+    mdl.add_argument("--smooth-l1-beta", dest="smooth_l1_beta", type=float,
+                     help=h("smooth_l1_beta", "smooth L1 transition point (0 = L1)"))
+    mdl.add_argument("--ohem-batch", dest="ohem_batch", type=int,
+                     help=h("ohem_batch", "--cls-loss ohem: anchors kept per image"))
+    mdl.add_argument("--ohem-nms-thresh", dest="ohem_nms_thresh", type=float,
+                     help=h("ohem_nms_thresh", "--cls-loss ohem: NMS IoU over the anchors' boxes (1 = no NMS)"))
+    mdl.add_argument("--ohem-fg-ratio", dest="ohem_fg_ratio", type=float,
+                     help="--cls-loss ohem: at most this share of the kept anchors is foreground, e.g. 0.25 for "
+                          "the paper's 1:3 (default: no cap)")
     mdl.add_argument("--sync-bn", action="store_true", default=None,
                      help="SyncBatchNorm for a trainable-BN backbone under DDP")
     opt = p.add_argument_group("optimisation")
@@ -82,6 +111,10 @@ def get_args_parser():
     opt.add_argument("--momentum", type=float, help=h("momentum", "SGD momentum"))
     opt.add_argument("--weight-decay", type=float, help=h("weight_decay", "weight decay"))
     opt.add_argument("--epochs", type=int, help="training epochs (default: from --schedule; 1x: 12, 3x: 36; demo: 4)")
+    opt.add_argument("--iters", type=int, help="instead of --epochs, the schedule's length in iterations: warmup, "
+                     "decay steps (scaled from the schedule's epochs) and cosine run over N iterations, then the "
+                     "final checkpoint and evaluation; results then depend on N alone, not on the dataset size "
+                     "(tools/ablate.py). Unlike --max-iters, which only stops a run")
     opt.add_argument("--schedule", choices=["1x", "3x", "steps", "cosine"],
                      help=h("schedule", "1x: 12 ep, x0.1 at 8 and 11; 3x: 36 ep, at 27 and 33; steps: --lr-steps"))
     opt.add_argument("--lr-steps", type=int, nargs="+", help="epochs of x0.1 decay (--schedule steps)")
@@ -190,9 +223,11 @@ def main(config):
             prune_checkpoints(config.output_dir, config.keep_checkpoints)
 
     stop_request = StopRequest().install()
-    logger.info("training %d epochs of %d iterations, %d images", config.epochs, iters_per_epoch, len(train_set))
+    num_epochs = config.num_epochs(iters_per_epoch)
+    logger.info("training %d iterations: %d epoch(s) of %d iterations, %d images",
+                config.total_iters(iters_per_epoch), num_epochs, iters_per_epoch, len(train_set))
     start_time = time.time()
-    while state.epoch < config.epochs:
+    while state.epoch < num_epochs:
         train_loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)
         state, finished = train_one_epoch(model, optimizer, lr_scheduler, scaler, train_loader, device, state,
                                           config, writer, save, stop_request,
@@ -204,7 +239,7 @@ def main(config):
             dist_utils.cleanup()
             return
         save(state)
-        if state.epoch == config.epochs or (config.eval_interval and state.epoch % config.eval_interval == 0):
+        if state.epoch == num_epochs or (config.eval_interval and state.epoch % config.eval_interval == 0):
             run_evaluation(state.epoch)
     logger.info("training time %.1f min", (time.time() - start_time) / 60)
     _check_ranks_agree(model_without_ddp)
@@ -249,8 +284,9 @@ def build_optimizer(model, config, iters_per_epoch: int):
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total = config.epochs * iters_per_epoch
-    schedule = WarmupSchedule(total, [s * iters_per_epoch for s in config.lr_steps],
+    total = config.total_iters(iters_per_epoch)
+    # lr_steps are epochs of the schedule; with --iters they keep their place in it (1x: at 8/12 and 11/12).
+    schedule = WarmupSchedule(total, [round(s * total / config.epochs) for s in config.lr_steps],
                               "cosine" if config.schedule == "cosine" else "step",
                               warmup_iters=min(config.warmup_iters, total), warmup_factor=config.warmup_factor)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

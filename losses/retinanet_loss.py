@@ -1,8 +1,9 @@
-"""RetinaNet training loss for a padded batch: matching, targets, focal + box losses."""
+"""RetinaNet training loss for a padded batch: matching, targets, focal (or CE / OHEM) + box losses."""
 import torch
 from torch import Tensor
 
 from losses.box_losses import giou_loss, smooth_l1_loss
+from losses.ohem import ohem_cross_entropy
 from ops.focal_loss import focal_loss_from_labels
 from utils.box_coder import BoxCoder
 from utils.boxes import box_ioa, box_iou
@@ -10,6 +11,7 @@ from utils.distributed import all_reduce_mean
 from utils.matcher import BACKGROUND, IGNORE, match_anchors
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
+CLS_LOSSES = ("focal", "ce", "balanced-ce", "ohem")
 
 
 def pad_targets(targets: list, key: str, device) -> tuple:
@@ -36,6 +38,15 @@ class RetinaNetLoss(torch.nn.Module):
     Args:
         box_coder: the detector's :class:`utils.box_coder.BoxCoder` (targets are encoded,
             and GIoU predictions decoded, exactly as the detector decodes).
+        cls_loss: the classification loss, the paper's Table 1 baselines:
+            "focal" (``focal_alpha``, ``focal_gamma``; eq. 5);
+            "ce": sigmoid cross-entropy over every non-ignored anchor and class (gamma 0, no alpha);
+            "balanced-ce": alpha-balanced CE (eq. 3: ``focal_alpha``, gamma 0);
+            "ohem": CE over each image's ``ohem_batch`` highest-loss anchors that survive NMS at
+            ``ohem_nms_thresh`` (at most ``ohem_fg_ratio`` of them foreground, if set), divided by
+            the number chosen instead (``losses/ohem.py``). The box loss is the same for all four.
+            focal, ce and balanced-ce run the same fused kernel (ce and balanced-ce are its gamma = 0
+            cases), so each costs what the focal loss costs.
         box_loss: "smooth_l1" (beta ``smooth_l1_beta``, 1/9 in the paper), "l1" or "giou".
         crowd_ioa_thresh: anchors covered more than this by a crowd region are
             ignored instead of being trained as background.
@@ -48,15 +59,23 @@ class RetinaNetLoss(torch.nn.Module):
     def __init__(self, num_classes: int, box_coder: BoxCoder = None, fg_iou_thresh: float = 0.5,
                  bg_iou_thresh: float = 0.4, allow_low_quality_matches: bool = True, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
-                 crowd_ioa_thresh: float = 0.5):
+                 crowd_ioa_thresh: float = 0.5, cls_loss: str = "focal", ohem_batch: int = 256,
+                 ohem_nms_thresh: float = 0.7, ohem_fg_ratio: float = None):
         super().__init__()
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
         self.num_classes = num_classes
         self.box_coder = box_coder or BoxCoder()
         self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
         self.allow_low_quality_matches = allow_low_quality_matches
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.cls_loss = cls_loss
+        # (alpha, gamma) the fused kernel runs with: CE is the focal loss at gamma 0, without alpha.
+        self.cls_alpha, self.cls_gamma = {"focal": (focal_alpha, focal_gamma), "ce": (-1.0, 0.0),
+                                          "balanced-ce": (focal_alpha, 0.0), "ohem": (-1.0, 0.0)}[cls_loss]
+        self.ohem_batch, self.ohem_nms_thresh, self.ohem_fg_ratio = ohem_batch, ohem_nms_thresh, ohem_fg_ratio
         self.box_loss = box_loss
         self.smooth_l1_beta = 0.0 if box_loss == "l1" else smooth_l1_beta
         self.crowd_ioa_thresh = crowd_ioa_thresh
@@ -94,10 +113,24 @@ class RetinaNetLoss(torch.nn.Module):
         matched, gt_boxes, gt_labels = self.match(anchors, targets)
         # Kept as a tensor (no .item()): the normaliser never forces a host sync.
         num_foreground = all_reduce_mean((matched >= 0).sum().float()).clamp(min=1.0)
+        if self.cls_loss == "ohem":
+            return self._ohem_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels, num_foreground)
         cls_loss, box_loss = self._dense_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels,
-                                                self.focal_alpha, self.focal_gamma, self.box_loss,
+                                                self.cls_alpha, self.cls_gamma, self.box_loss,
                                                 self.smooth_l1_beta, self.box_coder)
         return {"classification": cls_loss / num_foreground, "bbox_regression": box_loss / num_foreground}
+
+    def _ohem_losses(self, cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels, num_foreground) -> dict:
+        """OHEM classification loss (normalised by the anchors chosen) + the usual box loss."""
+        foreground, gt_index = matched >= 0, matched.clamp(min=0)
+        labels = torch.where(foreground, gt_labels.gather(1, gt_index), -1)  # [B, A]
+        pred_boxes = self.box_coder.decode(box_deltas.detach(), anchors[None].expand(box_deltas.shape[0], -1, -1))
+        cls_loss, num_selected = ohem_cross_entropy(cls_logits, labels, matched != IGNORE, pred_boxes,
+                                                    self.ohem_batch, self.ohem_nms_thresh, self.ohem_fg_ratio)
+        box_loss = _box_loss_sum(box_deltas, anchors, foreground, gt_index, gt_boxes, self.box_loss,
+                                 self.smooth_l1_beta, self.box_coder)
+        num_selected = all_reduce_mean(num_selected.float()).clamp(min=1.0)
+        return {"classification": cls_loss / num_selected, "bbox_regression": box_loss / num_foreground}
 
 
 def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, matched: Tensor, gt_boxes: Tensor,
@@ -111,7 +144,14 @@ def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, match
     # targets are never materialised (see focal_loss_from_labels).
     labels = torch.where(foreground, gt_labels.gather(1, gt_index), -1)  # [B, A]
     cls_loss = focal_loss_from_labels(cls_logits, labels, valid, focal_alpha, focal_gamma)
+    return cls_loss, _box_loss_sum(box_deltas, anchors, foreground, gt_index, gt_boxes, box_loss, smooth_l1_beta,
+                                   box_coder)
 
+
+def _box_loss_sum(box_deltas: Tensor, anchors: Tensor, foreground: Tensor, gt_index: Tensor, gt_boxes: Tensor,
+                  box_loss: str, smooth_l1_beta: float, box_coder: BoxCoder) -> Tensor:
+    """Summed box loss of the foreground anchors: deltas ``[B, A, 4]``, anchors ``[A, 4]``, foreground
+    ``[B, A]``, gt_index ``[B, A]`` (the matched box of a foreground anchor), gt_boxes ``[B, G, 4]``."""
     matched_boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))  # [B, A, 4]
     anchors = anchors[None].expand_as(matched_boxes)
     # Background anchors regress onto themselves so their (masked-out) terms stay finite.
@@ -122,4 +162,4 @@ def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, match
     else:
         box_targets = box_coder.encode(matched_boxes, anchors)
         per_anchor = smooth_l1_loss(box_deltas, box_targets, smooth_l1_beta).sum(dim=-1)
-    return cls_loss, (per_anchor * foreground).sum()
+    return (per_anchor * foreground).sum()

@@ -15,6 +15,8 @@ from model.transform import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import ConfigError
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
+# The paper's classification losses (Section 5.1, Table 1): see losses/retinanet_loss.py.
+CLS_LOSSES = ("focal", "ce", "balanced-ce", "ohem")
 
 # Fields whose value decides tensor shapes or what the trained weights mean: with
 # weights loaded, a different value given explicitly is a conflict, not an override.
@@ -56,6 +58,11 @@ class ModelConfig:
     Training:
         fg_iou_thresh (0.5), bg_iou_thresh (0.4), allow_low_quality_matches, focal_alpha (0.25),
         focal_gamma (2.0), box_loss ("smooth_l1" | "l1" | "giou"), smooth_l1_beta (1/9), bbox_reg_weights.
+    Classification loss (the paper's Table 1 baselines):
+        cls_loss: "focal" (default), "ce" (sigmoid cross-entropy, no alpha), "balanced-ce" (alpha-balanced
+        CE, eq. 3: focal_alpha, gamma 0) or "ohem" (CE over the ohem_batch highest-loss anchors per image
+        that survive NMS at ohem_nms_thresh; ohem_fg_ratio, e.g. 0.25 for 1:3, caps the foreground share,
+        None = no cap). focal_alpha < 0 disables the alpha weighting.
     """
     num_classes: int = 80
     backbone: str = "resnet50"
@@ -88,6 +95,10 @@ class ModelConfig:
     box_loss: str = "smooth_l1"
     smooth_l1_beta: float = 1.0 / 9
     bbox_reg_weights: tuple = (1.0, 1.0, 1.0, 1.0)
+    cls_loss: str = "focal"
+    ohem_batch: int = 256
+    ohem_nms_thresh: float = 0.7
+    ohem_fg_ratio: Optional[float] = None
 
     def __post_init__(self):
         # Lists (from JSON, argparse or old checkpoints) become tuples, so configs compare and hash.
@@ -124,6 +135,15 @@ class ModelConfig:
         check(all(r > 0 for r in self.aspect_ratios), f"aspect_ratios must be positive, got {self.aspect_ratios}")
         check(0 <= self.prior_prob < 1, f"prior_prob must lie in [0, 1), got {self.prior_prob}")
         check(self.box_loss in BOX_LOSSES, f"box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
+        check(self.cls_loss in CLS_LOSSES, f"cls_loss must be one of {CLS_LOSSES}, got {self.cls_loss!r}")
+        check(self.focal_gamma >= 0, f"focal_gamma must be >= 0, got {self.focal_gamma}")
+        check(self.focal_alpha < 1, f"focal_alpha must be < 1 (negative = no alpha weighting), got {self.focal_alpha}")
+        check(self.smooth_l1_beta >= 0, f"smooth_l1_beta must be >= 0, got {self.smooth_l1_beta}")
+        check(self.ohem_batch >= 1, f"ohem_batch must be >= 1, got {self.ohem_batch}")
+        check(0 < self.ohem_nms_thresh <= 1,
+              f"ohem_nms_thresh must lie in (0, 1] (1 = no NMS), got {self.ohem_nms_thresh}")
+        check(self.ohem_fg_ratio is None or 0 <= self.ohem_fg_ratio <= 1,
+              f"ohem_fg_ratio must lie in [0, 1] (or None: no cap), got {self.ohem_fg_ratio}")
         check(0 <= self.bg_iou_thresh <= self.fg_iou_thresh <= 1,
               f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {self.bg_iou_thresh} and {self.fg_iou_thresh}")
 

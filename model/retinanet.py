@@ -62,7 +62,9 @@ class RetinaNet(nn.Module):
         box_coder = BoxCoder(config.bbox_reg_weights)
         loss = RetinaNetLoss(config.num_classes, box_coder, config.fg_iou_thresh, config.bg_iou_thresh,
                              config.allow_low_quality_matches, config.focal_alpha, config.focal_gamma,
-                             config.box_loss, config.smooth_l1_beta)
+                             config.box_loss, config.smooth_l1_beta, cls_loss=config.cls_loss,
+                             ohem_batch=config.ohem_batch, ohem_nms_thresh=config.ohem_nms_thresh,
+                             ohem_fg_ratio=config.ohem_fg_ratio)
         model = cls(body, fpn, head, anchor_generator, transform, box_coder, loss, config.num_classes,
                     config.score_thresh, config.nms_thresh, config.detections_per_img, config.topk_candidates)
         model.model_config = config.replace(backbone_norm=body.norm)  # "auto" resolved
