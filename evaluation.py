@@ -3,19 +3,22 @@
     python evaluation.py --checkpoint output/checkpoint.pth
     torchrun --nproc_per_node 8 evaluation.py --checkpoint output/checkpoint.pth --data-path /data/coco
     python evaluation.py --results output/eval_val2017/results.json --data-path /data/coco --split val2017
+    python evaluation.py --checkpoint model_final.pth --results-only --data-path /data/coco \
+        --split test-dev2017 --image-dir /data/coco/test2017     # results.json for the COCO server
 
 The model is rebuilt from the checkpoint alone. Under torchrun every rank runs its
 shard of the split and rank 0 scores the union. Rank 0 writes into --output-dir:
 ``results.json`` (the COCO results list), ``metrics.json`` (the 12 COCO figures as
 fractions, ``null`` where the split has no ground truth for a figure, plus
-``per_category``: {name: AP}) and, with --plot, precision-recall PNGs.
+``per_category``: {name: AP}) and, with --plot, precision-recall PNGs. --results-only
+writes ``results.json`` alone, for a split without ground truth (an image-info file such as
+COCO test-dev's ``image_info_test-dev2017.json``: images and categories, no annotations).
 
 ``evaluate(...)`` is the loop train.py calls after an epoch.
 """
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import time
@@ -31,6 +34,7 @@ from model.weights import build_detector, read_weights
 from utils import distributed
 from utils.atomic_io import write_json_atomic
 from utils.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
+from utils.coco_results import read_results_file
 from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.loaders import build_eval_loader
@@ -49,7 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1); needs --data-path")
     parser.add_argument("--data-path", help="COCO root with annotations/ and <split>/; None = the checkpoint's data_path")
     parser.add_argument("--split", help="split to evaluate; None = the checkpoint's val_split, else val2017")
-    parser.add_argument("--ann-file", help="ground-truth JSON for --results; None = <data-path>/annotations/instances_<split>.json")
+    parser.add_argument("--ann-file", help="ground-truth JSON (with --results-only: an image-info JSON, images and "
+                        "categories without annotations, is enough); None = <data-path>/annotations/"
+                        "instances_<split>.json, with --results-only else image_info_<split>.json")
+    parser.add_argument("--image-dir", help="image folder; None = <data-path>/<split> (COCO test-dev: "
+                        "<data-path>/test2017)")
+    parser.add_argument("--results-only", action="store_true", help="with --checkpoint/--weights: write "
+                        "results.json (COCO results format, ready to submit) and do not score; for a split "
+                        "without ground truth such as COCO test-dev")
     parser.add_argument("--output-dir", help="where results.json / metrics.json / PNGs go; None = eval_<split> "
                         "next to the checkpoint (with --results: the results file's folder)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per process)")
@@ -92,6 +103,23 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
         Every rank returns the same dict: rank 0 scores and broadcasts it, so all ranks can
         take the same decision (best checkpoint, early stop) without another collective.
     """
+    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp, show_progress)
+    metrics = None
+    if distributed.is_main_process():
+        if output_dir is not None:
+            write_json_atomic(Path(output_dir) / "results.json", results)
+        metrics = report(coco_gt, results, output_dir, plot=plot, image_ids=image_ids)
+    return distributed.broadcast_object(metrics)
+
+
+@torch.no_grad()
+def predict_coco_results(model, data_loader, label_to_cat_id, device, amp="none", show_progress: bool = True):
+    """Run ``model`` over ``data_loader`` (see :func:`evaluate`), gathered over DDP ranks.
+
+    Returns ``(results, image_ids)`` on every rank: the COCO results list
+    (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``, by image id) and the
+    ids of every image seen, also those without detections.
+    """
     device = torch.device(device)
     dtype = autocast_dtype(amp, device)
     was_training = model.training
@@ -121,15 +149,10 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
     for part in distributed.all_gather_object(results_by_image):
         for image_id, results in part.items():
             merged.setdefault(image_id, results)
-    metrics = None
     if distributed.is_main_process():
         elapsed = time.perf_counter() - start
         logger.info("evaluated %d images in %.1f s (%.1f img/s)", len(merged), elapsed, len(merged) / max(elapsed, 1e-9))
-        results = [result for image_id in sorted(merged) for result in merged[image_id]]
-        if output_dir is not None:
-            write_json_atomic(Path(output_dir) / "results.json", results)
-        metrics = report(coco_gt, results, output_dir, plot=plot, image_ids=list(merged))
-    return distributed.broadcast_object(metrics)
+    return [result for image_id in sorted(merged) for result in merged[image_id]], list(merged)
 
 
 def report(coco_gt: COCO, results: list, output_dir=None, plot: bool = False, image_ids=None) -> dict:
@@ -153,8 +176,13 @@ def _load_ground_truth(ann_file: Path) -> COCO:
     if not ann_file.is_file():
         raise UserError(f"ground truth {ann_file} not found; pass --data-path/--split or --ann-file")
     logger.info("loading ground truth %s", ann_file)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations..." prints
-        return COCO(str(ann_file))
+    dataset = coco_dataset.load_coco_json(ann_file)
+    coco_dataset.parse_coco_detection(dataset, source=str(ann_file))  # a malformed file: one line naming the entry
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "creating index..." prints
+        coco.createIndex()
+    return coco
 
 
 def score_results_file(args) -> dict:
@@ -163,31 +191,30 @@ def score_results_file(args) -> dict:
     if args.ann_file is None and args.data_path is None:
         raise UserError("--results needs the ground truth: pass --data-path (with --split) or --ann-file")
     ann_file = Path(args.ann_file or Path(args.data_path) / "annotations" / f"instances_{split}.json")
-    with open(args.results) as f:
-        results = json.load(f)
-    if not isinstance(results, list):
-        raise UserError(f"{args.results} holds a JSON {type(results).__name__}; expected a COCO results list")
+    read_results_file(args.results)  # a missing or malformed file is named before the ground truth is loaded
+    coco_gt = _load_ground_truth(ann_file)
+    results = read_results_file(args.results, coco_gt.getImgIds(), coco_gt.getCatIds(), str(ann_file))
     output_dir = args.output_dir or Path(args.results).parent
-    return report(_load_ground_truth(ann_file), results, output_dir, plot=args.plot)
+    return report(coco_gt, results, output_dir, plot=args.plot)
 
 
 def evaluate_checkpoint(args, device: torch.device) -> dict:
     """--checkpoint / --weights: rebuild the model, build the split's loader (sharded under DDP), evaluate."""
     source = read_weights(args.checkpoint or args.weights, what="checkpoint" if args.checkpoint else "weights file")
-    model, categories = build_detector(source)
     saved_args = source.train_args or {}
     spec = args.checkpoint or args.weights
     default_output = Path(spec).parent if os.path.isfile(spec) else Path(".")
     data_path = args.data_path or saved_args.get("data_path")
     split = args.split or saved_args.get("val_split") or "val2017"
-    if data_path is None:
-        raise UserError(f"{spec} stores no data_path; pass --data-path")
-    dataset = coco_dataset.build_dataset(data_path, split)
-    label_to_cat_id = [category["id"] for category in categories]
+    if data_path is None and not (args.ann_file and args.image_dir):
+        raise UserError(f"{spec} stores no data_path; pass --data-path (or --ann-file and --image-dir)")
+    dataset = _dataset(args, data_path, split)
+    label_to_cat_id = [category["id"] for category in source.categories]
     unknown = sorted(set(label_to_cat_id) - set(dataset.coco.getCatIds()))
     if unknown:
         raise UserError(f"{spec}: category ids {unknown} are not in {split}'s annotations; "
                         "was the model trained on another dataset?")
+    model, _ = build_detector(source)  # after the data: a bad annotation file is reported in seconds
 
     # Shards under DDP; unreadable images are reported and skipped rather than ending the run.
     data_loader = build_eval_loader(dataset, args.batch_size, args.workers, distributed.get_rank(),
@@ -196,8 +223,34 @@ def evaluate_checkpoint(args, device: torch.device) -> dict:
     logger.info("evaluating %s on %s (%d images, %d process(es), device %s)",
                 spec, split, len(dataset), distributed.get_world_size(), device)
     model = model.to(device).optimize_for(device)
+    if args.results_only:
+        return write_results_only(model, data_loader, label_to_cat_id, device, Path(output_dir), args.amp)
     return evaluate(model, data_loader, dataset.coco, label_to_cat_id, device,
                     output_dir=output_dir, amp=args.amp, plot=args.plot)
+
+
+def _dataset(args, data_path, split: str) -> coco_dataset.CocoDetection:
+    """The split to run on: ``--ann-file`` / ``--image-dir`` where given, else the COCO layout under data_path."""
+    annotations = Path(data_path or ".") / "annotations"
+    ann_file = args.ann_file or annotations / f"instances_{split}.json"
+    if args.results_only and not args.ann_file and not Path(ann_file).is_file():
+        ann_file = annotations / f"image_info_{split}.json"  # COCO's name for a split without ground truth
+    image_dir = args.image_dir or Path(data_path or ".") / split
+    return coco_dataset.CocoDetection(image_dir, ann_file, image_info=args.results_only)
+
+
+def write_results_only(model, data_loader, label_to_cat_id, device, output_dir: Path, amp="none") -> dict:
+    """--results-only: the COCO results of every image into ``output_dir/results.json``, nothing scored."""
+    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp)
+    path = output_dir / "results.json"
+    if distributed.is_main_process():
+        write_json_atomic(path, results)
+        logger.info("wrote %d detections on %d images to %s (COCO results format; for the COCO server, "
+                    "rename it detections_<split>_<method>_results.json and zip it)", len(results),
+                    len(image_ids), path)
+        if not results:
+            logger.warning("no detections at all: check the model and --image-dir")
+    return {"results_file": str(path), "num_images": len(image_ids), "num_detections": len(results)}
 
 
 def main(args) -> dict:
@@ -205,6 +258,8 @@ def main(args) -> dict:
     device = resolve_device(args.device, distributed.launched_by_torchrun().local_rank)
     distributed.init_distributed_mode(device)
     setup_logging(verbose=False)
+    if args.results_only and args.results:
+        raise UserError("--results-only runs a model: give --checkpoint or --weights, not --results")
     try:
         if args.results:  # scoring a file is one process's job
             return score_results_file(args) if distributed.is_main_process() else None
