@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from model.config import LEGACY_EXECUTION_KEYS
 from utils.checkpoint import list_checkpoints, load_checkpoint
 from utils.demo_data import generate_demo_dataset
 
@@ -49,6 +50,8 @@ def test_two_iterations_write_a_checkpoint_and_log(tiny_data, tmp_path):
     for key in ("model", "optimizer", "lr_scheduler", "scaler", "args", "model_config"):
         assert key in state
     assert state["args"]["backbone"] == "resnet18"
+    assert not set(LEGACY_EXECUTION_KEYS) & set(state["model_config"])  # how a model runs is not saved
+    assert {"bad_images", "non_finite_steps", "consecutive_non_finite"} <= set(state)  # TrainState's counters
     log_lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(log_lines) == 2 and '"loss"' in log_lines[0]
 
