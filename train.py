@@ -23,10 +23,11 @@ from utils.checkpoint import (checkpoint_path, find_resumable_checkpoint, load_c
                               save_checkpoint)
 from utils.demo_data import ensure_demo_dataset
 from utils.device import AMP_CHOICES, autocast_dtype, resolve_device
-from utils.errors import ConfigError, exit_on_user_error
+from utils.errors import ConfigError, UserError, exit_on_user_error
 from utils.loaders import build_eval_loader, build_train_loader
 from utils.logger import MetricWriter, setup_logging
 from utils.lr_schedule import WarmupSchedule
+from utils.training_curves import plot_runs, read_log
 from utils.preemption import StopRequest
 from utils.rng import restore_rng, rng_state, seed_everything
 
@@ -253,6 +254,7 @@ def main(config):
                     "  inference: python inference.py --checkpoint %s --input %s --output-dir %s",
                     final, final, final, os.path.join(config.data_path, config.val_split),
                     os.path.join(config.output_dir, "detections"))
+        _write_curves(config.output_dir)
     writer.close()
     dist_utils.cleanup()
 
@@ -305,6 +307,20 @@ def _check_ranks_agree(model) -> None:
     if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksum)):
         raise RuntimeError(f"DDP ranks ended with different weights: checksums {checksums}")
     logger.info("all %d ranks agree on the final weights (checksum %.6f)", len(checksums), checksum)
+
+
+def _write_curves(output_dir: str) -> None:
+    """``curves.png`` from the run's log.jsonl (tools/plot_logs.py overlays several runs); never fails the run."""
+    try:
+        path = plot_runs([read_log(output_dir)], os.path.join(output_dir, "curves.png"))
+    except ImportError:
+        logger.info("no curves.png: matplotlib is not installed (pip install matplotlib, then tools/plot_logs.py %s)",
+                    output_dir)
+        return
+    except UserError as exc:  # an empty or unreadable log: nothing to draw
+        logger.warning("no curves.png: %s", exc)
+        return
+    logger.info("training curves: %s", path)
 
 
 def _resume_checkpoint(config):
