@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import coco_dataset
 from model.weights import load_detector
 from utils.atomic_io import write_json_atomic
 from utils.checkpoint import CheckpointError
+from utils.coco_results import CocoResultsWriter
 from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
@@ -65,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "None = a fresh inference_output/run_<N> in the current directory")
     parser.add_argument("--overwrite", action="store_true", help="replace results of an earlier run in --output-dir")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep (draw and write) detections scoring at least this")
+    parser.add_argument("--coco-results", metavar="FILE", help="also write every detection the model outputs (its "
+                        "own score threshold, as evaluation.py) to FILE in COCO results format, with the category "
+                        "ids of the model's dataset (evaluation.py --results scores it)")
+    parser.add_argument("--image-info", metavar="JSON", help="with --coco-results: the COCO image-info or annotation "
+                        "file whose image ids the inputs take (matched by file name); None = 1, 2, ... in input order")
     parser.add_argument("--image-format", default="jpg", choices=["jpg", "png"], help="format of the drawn images")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding worker processes")
@@ -164,6 +171,18 @@ def load_model(args):
     return model.eval(), categories
 
 
+def coco_results_writer(args, paths):
+    """--coco-results: a writer knowing each input's image id (from --image-info, else 1, 2, ...), or None."""
+    if args.coco_results is None:
+        if args.image_info:
+            raise InferenceError("--image-info gives the image ids of --coco-results; pass --coco-results FILE too")
+        return None
+    if os.path.exists(args.coco_results) and not args.overwrite:
+        raise InferenceError(f"--coco-results {args.coco_results} exists; pass --overwrite to replace it")
+    image_list = coco_dataset.read_image_list(args.image_info) if args.image_info else None
+    return CocoResultsWriter(args.coco_results, paths, image_list, source=args.image_info)
+
+
 class ImageFiles(Dataset):
     """``(index, ByteTensor[3, H, W] or None, error message or None)``: a bad file is a value, not an exception."""
 
@@ -211,6 +230,7 @@ def main(args) -> dict:
         raise InferenceError(f"no image files found in --input {' '.join(args.input)}")
     names = output_names(paths, args.image_format)
     check_outputs(args.output_dir, names, paths, args.overwrite)
+    coco_results = coco_results_writer(args, paths)
     device = resolve_device(args.device)
     amp_dtype = autocast_dtype(args.amp, device)
     model, categories = load_model(args)
@@ -236,6 +256,8 @@ def main(args) -> dict:
                 outputs = predict(model, [image for _, image in readable], device, amp_dtype)
                 model_seconds += time.perf_counter() - model_start
                 for (index, image), output in zip(readable, outputs):
+                    if coco_results is not None:
+                        coco_results.add(index, output, categories)
                     keep = output["scores"] >= args.score_threshold
                     boxes, scores, labels = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
                     save_image(draw_detections(image, boxes, labels, scores, class_names), output_dir / names[index])
@@ -249,6 +271,9 @@ def main(args) -> dict:
             output_dir.rmdir()  # leave no empty run folder behind
         raise InferenceError(f"none of the {len(paths)} input images could be read (see the warnings above)")
     write_json_atomic(output_dir / "detections.json", records)
+    if coco_results is not None:
+        logger.info("%d detections on %d images in COCO results format -> %s", len(coco_results.results),
+                    coco_results.num_images, coco_results.write())
     logger.info("%.1f images/s end to end (model alone %.1f images/s)",
                 len(records) / max(elapsed, 1e-9), len(records) / max(model_seconds, 1e-9))
     logger.info("%d images, %d detections (score >= %g), %d skipped -> %s",
