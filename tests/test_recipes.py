@@ -42,6 +42,19 @@ def test_demo_recipe_on_your_own_data_and_every_flag_still_overrides():
         resolve("--recipe", "coco")
 
 
+def test_demo_recipe_on_your_own_data_trains_from_scratch_with_the_demo_schedule():
+    config = resolve("--recipe", "demo", "--data-path", "/my/data")
+    demo = resolve()
+    assert config.pretrained_backbone is None and config.model.backbone_norm == "auto"  # trainable BN, no download
+    same = ("model", "optimizer", "lr", "weight_decay", "epochs", "schedule", "warmup_iters", "batch_size", "workers")
+    assert {key: getattr(config, key) for key in same} == {key: getattr(demo, key) for key in same}
+    assert config.given == frozenset({"recipe", "data_path"})
+    # ImageNet weights (or any other coco-recipe setting) are one flag away.
+    assert resolve("--recipe", "demo", "--data-path", "/d", "--pretrained-backbone", "DEFAULT").pretrained_backbone \
+        == "DEFAULT"
+    assert resolve("--recipe", "coco", "--data-path", "/d").model == resolve("--data-path", "/d").model
+
+
 def test_a_flag_equal_to_the_default_still_counts_as_given():
     config = resolve("--box-loss", "smooth_l1", "--data-path", "/d")
     assert "box_loss" in config.given and ("box_loss", "smooth_l1") in config.weights_overrides
