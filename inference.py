@@ -11,6 +11,13 @@ Boxes are absolute pixels of the image as displayed (EXIF orientation applied, s
 ``width``/``height`` may be the file's swapped). Every readable image is listed, also
 with no detections. A file that cannot be decoded is reported and skipped; the exit
 status is non-zero only when no image at all could be read.
+
+Videos (.mp4 .avi .mov .mkv .webm, in --input with images or alone) give ``<stem>.mp4``,
+drawn at the input's frame rate and exact size, and ``<stem>_frames.json`` with the
+detections of every detected frame (frame index, timestamp in seconds); ``--every N``
+detects on every Nth frame. Frames stream through in batches, so memory stays flat
+on long footage; a broken or truncated video keeps the frames that decoded
+(``utils/video.py``).
 """
 import argparse
 import glob
@@ -34,6 +41,7 @@ from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
 from utils.logger import setup_logging
+from utils.video import VIDEO_EXTENSIONS, VideoReadError, is_video_file, process_video
 from utils.visualize import draw_detections, save_image
 
 logger = logging.getLogger("inference")
@@ -61,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", help="a checkpoint, a torchvision RetinaNet state-dict file, or a torchvision "
                         "weights name such as RetinaNet_ResNet50_FPN_Weights.COCO_V1")
     parser.add_argument("--input", nargs="+", required=True,
-                        help="image files, folders and quoted glob patterns ('imgs/*.png')")
+                        help="image and video files, folders and quoted glob patterns ('imgs/*.png')")
     parser.add_argument("--recursive", action="store_true", help="also take images from sub-folders (and ** in globs)")
     parser.add_argument("--output-dir", help="where drawn images and detections.json go; "
                         "None = a fresh inference_output/run_<N> in the current directory")
@@ -73,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-info", metavar="JSON", help="with --coco-results: the COCO image-info or annotation "
                         "file whose image ids the inputs take (matched by file name); None = 1, 2, ... in input order")
     parser.add_argument("--image-format", default="jpg", choices=["jpg", "png"], help="format of the drawn images")
+    parser.add_argument("--every", type=int, default=1, metavar="N", help="videos: detect on every Nth frame; the "
+                        "drawn video keeps all frames, each with the boxes of the last detected one")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding worker processes")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
@@ -94,18 +104,19 @@ def list_images(inputs, recursive: bool = False):
                 paths = [os.path.join(root, name) for root, dirs, names in os.walk(item) for name in names]
             else:
                 paths = [entry.path for entry in os.scandir(item) if entry.is_file()]
-            paths = sorted(path for path in paths if is_image_file(path))
+            paths = sorted(path for path in paths if is_image_file(path) or is_video_file(path))
         elif os.path.isfile(item):
             paths = [item]
         elif glob.has_magic(item):
             paths = sorted(path for path in glob.glob(item, recursive=recursive)
-                           if os.path.isfile(path) and is_image_file(path))
+                           if os.path.isfile(path) and (is_image_file(path) or is_video_file(path)))
         else:
             logger.warning("skipped input %s: no such file or folder", item)
             num_missing += 1
             continue
         if not paths:
-            logger.warning("input %s: no image files (extensions %s)", item, " ".join(IMAGE_EXTENSIONS))
+            logger.warning("input %s: no image or video files (extensions %s)", item,
+                           " ".join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))
         found.extend(os.path.abspath(path) for path in paths)
     return list(dict.fromkeys(found)), num_missing
 
@@ -221,21 +232,75 @@ def image_record(path, output_name, image, boxes, scores, labels, categories) ->
             "height": int(image.shape[1]), "output_file": output_name, "detections": detections}
 
 
+def frames_file_name(video_name: str) -> str:
+    return f"{Path(video_name).stem}_frames.json"
+
+
+def detect_videos(videos, names, model, device, amp_dtype, categories, output_dir: Path, args):
+    """Each video: a drawn copy and its per-frame JSON (utils/video.py). ``(summaries, number not readable)``."""
+    class_names = [category["name"] for category in categories]
+
+    def detect(frames):
+        outputs = predict(model, frames, device, amp_dtype)
+        return [{k: output[k][output["scores"] >= args.score_threshold] for k in ("boxes", "scores", "labels")}
+                for output in outputs]
+
+    def draw(frame, found):
+        return draw_detections(frame, found["boxes"], found["labels"], found["scores"], class_names)
+
+    def describe(frame, found):
+        return image_record("", "", frame, found["boxes"], found["scores"], found["labels"], categories)["detections"]
+
+    summaries = []
+    for path, name in zip(videos, names):
+        try:
+            summary = process_video(path, output_dir / name, output_dir / frames_file_name(name), detect, draw,
+                                    describe, every=args.every, batch_size=args.batch_size)
+        except VideoReadError as exc:
+            logger.warning("skipped: %s", exc)
+            continue
+        summaries.append(summary)
+        logger.info("%s: %d frames (%d detected, %d detections) -> %s, %s", path, summary["num_frames"],
+                    summary["num_detected_frames"], summary["num_detections"], output_dir / name,
+                    output_dir / summary["frames_file"])
+    return summaries, len(videos) - len(summaries)
+
+
+def finish_videos(summaries, num_skipped: int, output_dir: Path, made_output_dir: bool) -> dict:
+    """The summary of a run on videos alone; InferenceError when none could be read."""
+    if not summaries:
+        if made_output_dir and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise InferenceError(f"none of the {num_skipped} input videos could be read (see the warnings above)")
+    logger.info("%d videos, %d frames, %d detections (%d skipped) -> %s", len(summaries),
+                sum(s["num_frames"] for s in summaries), sum(s["num_detections"] for s in summaries), num_skipped,
+                output_dir)
+    return {"num_images": 0, "num_detections": sum(s["num_detections"] for s in summaries),
+            "num_skipped": num_skipped, "output_dir": str(output_dir), "videos": summaries}
+
+
 def main(args) -> dict:
     """Returns the run's summary; raises InferenceError when nothing could be processed."""
-    if args.batch_size < 1 or args.workers < 0 or not 0 <= args.score_threshold <= 1:
-        raise InferenceError("--batch-size must be >= 1, --workers >= 0 and --score-threshold in [0, 1]")
+    if args.batch_size < 1 or args.workers < 0 or not 0 <= args.score_threshold <= 1 or args.every < 1:
+        raise InferenceError("--batch-size and --every must be >= 1, --workers >= 0 and --score-threshold in [0, 1]")
     paths, num_skipped = list_images(args.input, args.recursive)
     if not paths:
-        raise InferenceError(f"no image files found in --input {' '.join(args.input)}")
-    names = output_names(paths, args.image_format)
-    check_outputs(args.output_dir, names, paths, args.overwrite)
+        raise InferenceError(f"no image files (and no videos) found in --input {' '.join(args.input)}")
+    videos, paths = [p for p in paths if is_video_file(p)], [p for p in paths if not is_video_file(p)]
+    names, video_names = output_names(paths, args.image_format), output_names(videos, "mp4")
+    check_outputs(args.output_dir, names + video_names + [frames_file_name(name) for name in video_names],
+                  paths + videos, args.overwrite)
     coco_results = coco_results_writer(args, paths)
     device = resolve_device(args.device)
     amp_dtype = autocast_dtype(args.amp, device)
     model, categories = load_model(args)
     model.to(device).optimize_for(device)
     output_dir = make_output_dir(args.output_dir)
+    video_summaries, num_failed = detect_videos(videos, video_names, model, device, amp_dtype, categories,
+                                                output_dir, args)
+    num_skipped += num_failed
+    if not paths:
+        return finish_videos(video_summaries, num_skipped, output_dir, args.output_dir is None)
     loader = DataLoader(ImageFiles(paths), batch_size=args.batch_size, num_workers=min(args.workers, len(paths)),
                         collate_fn=keep_as_list, pin_memory=device.type == "cuda")
     logger.info("%d images -> %s (device %s%s)", len(paths), output_dir, device,
@@ -266,7 +331,7 @@ def main(args) -> dict:
             progress.update(len(batch))
     elapsed = time.perf_counter() - start
 
-    if not records:
+    if not records and not video_summaries:
         if args.output_dir is None and not any(output_dir.iterdir()):
             output_dir.rmdir()  # leave no empty run folder behind
         raise InferenceError(f"none of the {len(paths)} input images could be read (see the warnings above)")
@@ -279,7 +344,7 @@ def main(args) -> dict:
     logger.info("%d images, %d detections (score >= %g), %d skipped -> %s",
                 len(records), num_detections, args.score_threshold, num_skipped, output_dir)
     return {"num_images": len(records), "num_detections": num_detections, "num_skipped": num_skipped,
-            "output_dir": str(output_dir)}
+            "output_dir": str(output_dir), "videos": video_summaries}
 
 
 if __name__ == "__main__":
