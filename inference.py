@@ -33,6 +33,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import coco_dataset
+from deploy.ort_detector import OnnxDetector
 from model.weights import load_detector
 from utils.atomic_io import write_json_atomic
 from utils.checkpoint import CheckpointError
@@ -49,6 +50,7 @@ logger = logging.getLogger("inference")
 EXAMPLES = """examples:
   python inference.py --checkpoint output/checkpoint.pth --input photos/ --output-dir photos_detected
   python inference.py --weights RetinaNet_ResNet50_FPN_Weights.COCO_V1 --input "shots/*.png" img.jpg --amp
+  python inference.py --onnx model.onnx --input photos/ --device cpu    # exported by export.py, ONNX Runtime
 """
 
 
@@ -68,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="checkpoint written by train.py; the model is rebuilt from it alone")
     source.add_argument("--weights", help="a checkpoint, a torchvision RetinaNet state-dict file, or a torchvision "
                         "weights name such as RetinaNet_ResNet50_FPN_Weights.COCO_V1")
+    source.add_argument("--onnx", help="a model exported by export.py, run with ONNX Runtime (--device picks its "
+                        "execution provider: cpu, or cuda with onnxruntime-gpu)")
     parser.add_argument("--input", nargs="+", required=True,
                         help="image and video files, folders and quoted glob patterns ('imgs/*.png')")
     parser.add_argument("--recursive", action="store_true", help="also take images from sub-folders (and ** in globs)")
@@ -194,6 +198,19 @@ def coco_results_writer(args, paths):
     return CocoResultsWriter(args.coco_results, paths, image_list, source=args.image_info)
 
 
+def load_onnx_model(args) -> OnnxDetector:
+    """--onnx: the exported detector in an ONNX Runtime session on the --device's execution provider."""
+    if args.amp != "none":
+        raise InferenceError("--amp applies to PyTorch models; an --onnx model runs in the precision it was exported in")
+    detector = OnnxDetector(args.onnx, device=args.device)
+    if args.score_threshold < detector.score_thresh:
+        logger.warning("--score-threshold %g is below the score threshold inside %s (%g): no lower score comes out; "
+                       "export again with --score-thresh to lower it", args.score_threshold, args.onnx,
+                       detector.score_thresh)
+    logger.info("%s in ONNX Runtime (%s)", args.onnx, ", ".join(detector.providers))
+    return detector
+
+
 class ImageFiles(Dataset):
     """``(index, ByteTensor[3, H, W] or None, error message or None)``: a bad file is a value, not an exception."""
 
@@ -217,6 +234,8 @@ def keep_as_list(batch):
 @torch.inference_mode()
 def predict(model, images, device: torch.device, amp_dtype=None) -> list:
     """Model outputs on the CPU in float32, boxes ``[D, 4]`` in each image's own pixels."""
+    if isinstance(model, OnnxDetector):  # one image per ONNX Runtime call, numpy in and out
+        return [{key: torch.from_numpy(value) for key, value in model(image.numpy()).items()} for image in images]
     with autocast(device, amp_dtype):
         outputs = model([image.to(device, non_blocking=True) for image in images])
     return [{key: output[key].float().cpu() if key != "labels" else output[key].cpu()
@@ -291,10 +310,14 @@ def main(args) -> dict:
     check_outputs(args.output_dir, names + video_names + [frames_file_name(name) for name in video_names],
                   paths + videos, args.overwrite)
     coco_results = coco_results_writer(args, paths)
-    device = resolve_device(args.device)
-    amp_dtype = autocast_dtype(args.amp, device)
-    model, categories = load_model(args)
-    model.to(device).optimize_for(device)
+    if args.onnx:
+        model, device, amp_dtype = load_onnx_model(args), torch.device("cpu"), None  # images stay on the CPU
+        categories = model.categories
+    else:
+        device = resolve_device(args.device)
+        amp_dtype = autocast_dtype(args.amp, device)
+        model, categories = load_model(args)
+        model.to(device).optimize_for(device)
     output_dir = make_output_dir(args.output_dir)
     video_summaries, num_failed = detect_videos(videos, video_names, model, device, amp_dtype, categories,
                                                 output_dir, args)

@@ -1,0 +1,9 @@
+"""Deployment: the detector as one ONNX graph, and running it with ONNX Runtime.
+
+``deploy.graph``        the export-friendly forward (one uint8 image in, detections out)
+``deploy.onnx_export``  torch -> ``.onnx`` with the category table in its metadata
+``deploy.ort_detector`` the ``.onnx`` run by ONNX Runtime (numpy only, no torch)
+``deploy.verify``       ONNX Runtime against PyTorch on the same images
+
+Imports run one way: ``model`` <- ``deploy`` <- entry scripts (export.py, inference.py).
+"""
