@@ -186,18 +186,6 @@ def load_model(args):
     return model.eval(), categories
 
 
-def coco_results_writer(args, paths):
-    """--coco-results: a writer knowing each input's image id (from --image-info, else 1, 2, ...), or None."""
-    if args.coco_results is None:
-        if args.image_info:
-            raise InferenceError("--image-info gives the image ids of --coco-results; pass --coco-results FILE too")
-        return None
-    if os.path.exists(args.coco_results) and not args.overwrite:
-        raise InferenceError(f"--coco-results {args.coco_results} exists; pass --overwrite to replace it")
-    image_list = coco_dataset.read_image_list(args.image_info) if args.image_info else None
-    return CocoResultsWriter(args.coco_results, paths, image_list, source=args.image_info)
-
-
 def load_onnx_model(args) -> OnnxDetector:
     """--onnx: the exported detector in an ONNX Runtime session on the --device's execution provider."""
     if args.amp != "none":
@@ -209,6 +197,18 @@ def load_onnx_model(args) -> OnnxDetector:
                        detector.score_thresh)
     logger.info("%s in ONNX Runtime (%s)", args.onnx, ", ".join(detector.providers))
     return detector
+
+
+def coco_results_writer(args, paths):
+    """--coco-results: a writer knowing each input's image id (from --image-info, else 1, 2, ...), or None."""
+    if args.coco_results is None:
+        if args.image_info:
+            raise InferenceError("--image-info gives the image ids of --coco-results; pass --coco-results FILE too")
+        return None
+    if os.path.exists(args.coco_results) and not args.overwrite:
+        raise InferenceError(f"--coco-results {args.coco_results} exists; pass --overwrite to replace it")
+    image_list = coco_dataset.read_image_list(args.image_info) if args.image_info else None
+    return CocoResultsWriter(args.coco_results, paths, image_list, source=args.image_info)
 
 
 class ImageFiles(Dataset):
