@@ -234,3 +234,27 @@ def test_a_malformed_file_is_one_line_from_the_command_line(tmp_path):
 ])
 def test_yaml_names_without_pyyaml(text, expected, tmp_path):
     assert parse_yaml_names(text, tmp_path / "data.yaml") == expected
+
+
+def test_make_voc_example_round_trips_the_demo_boxes_through_the_converter(tmp_path):
+    import zlib
+
+    import av
+
+    from utils.demo_data import DEMO_CATEGORIES, render_image
+    voc, clip = tmp_path / "voc", tmp_path / "clip.mp4"
+    load_tool("make_voc_example").main(Namespace(output=str(voc), num_train=4, num_val=2, image_size=64, seed=5,
+                                                 video=str(clip), fps=5))
+    convert("--format", "voc", "--input", voc, "--output", tmp_path / "coco", "--split", "train")
+    dataset = load(tmp_path / "coco")
+    demo_id = {c["name"]: c["id"] for c in DEMO_CATEGORIES}
+    name_of = {c["id"]: c["name"] for c in dataset["categories"]}
+    assert len(dataset["images"]) == 4
+    for index, image in enumerate(dataset["images"]):
+        _, _, objects = render_image(np.random.default_rng([5, zlib.crc32(b"train"), index]), 64, 64)
+        converted = [(a["bbox"], demo_id[name_of[a["category_id"]]]) for a in dataset["annotations"]
+                     if a["image_id"] == image["id"]]
+        assert sorted(converted) == sorted((o["bbox"], o["category_id"]) for o in objects)
+    with av.open(str(clip)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 2 and (frames[0].width, frames[0].height) == (64, 64)

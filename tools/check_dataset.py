@@ -27,8 +27,8 @@ from tqdm import tqdm  # noqa: E402
 
 import coco_dataset  # noqa: E402
 import train  # noqa: E402
-from model.anchor_coverage import (POOR_COVERAGE, BoxSet, measure_coverage, suggest_settings,  # noqa: E402
-                                   training_image_sizes)
+from model.anchor_coverage import (FIRST_LEVEL, POOR_COVERAGE, BoxSet, measure_coverage,  # noqa: E402
+                                   suggest_settings, training_image_sizes)
 from model.anchors import default_anchor_sizes  # noqa: E402
 from model.weights import configure_from_weights, read_weights  # noqa: E402
 from recipes import resolve_config  # noqa: E402
@@ -119,6 +119,12 @@ def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
             print(f"{label + ' px':<12} {count:>8}  {_pct(share_fg):>9} {_pct(share_bg):>9}")
     print(f"\nanchor coverage: {_pct(coverage.fg)} of the boxes have an anchor with IoU >= {fg:g} "
           f"({_pct(coverage.share(bg))} >= {bg:g})")
+    stride = 2 ** FIRST_LEVEL
+    tiny = coverage.box_size < 2 * stride
+    if tiny.float().mean() > 0.05 and coverage.share(fg, tiny) < POOR_COVERAGE:
+        print(f"{tiny.float().mean():.0%} of the boxes are under {2 * stride} px at the training resolution, "
+              f"twice the {stride} px stride of P3: on a grid that coarse no anchor size fits them all well "
+              f"({_pct(coverage.share(fg, tiny))} covered); scaling the images up (--min-size, --max-size) does")
 
     suggestion = suggest_settings(box_set, model_config) if coverage.fg < POOR_COVERAGE else None
     if suggestion is not None:
