@@ -174,11 +174,18 @@ def test_weights_with_a_contradicting_architecture_flag_name_it(giou_checkpoint)
 def test_evaluation_script_on_a_trained_checkpoint_reproduces_the_training_evaluation(tiny_data, tmp_path):
     """``evaluation.py --checkpoint`` end to end: the model, the data path and the split come from the
     checkpoint alone, and the figures equal those train.py computed at the end of training."""
-    run(train_command(tiny_data, tmp_path, "--epochs", "1", "--amp", "bf16"))
+    # A high prior makes the barely trained model detect plenty, so there is something to compare.
+    run(train_command(tiny_data, tmp_path, "--epochs", "1", "--amp", "bf16", "--prior-prob", "0.3"))
     during_training = json.loads((tmp_path / "eval_val" / "metrics.json").read_text())
+    detections = json.loads((tmp_path / "eval_val" / "results.json").read_text())
     result = run([sys.executable, os.path.join(REPO, "evaluation.py"), "--checkpoint",
                   str(tmp_path / "model_final.pth"), "--output-dir", str(tmp_path / "again"), "--workers", "0",
-                  "--batch-size", "2", "--amp", "bf16"])
+                  "--batch-size", "4", "--amp", "bf16"])  # the batch training evaluated with
     assert "evaluating" in result.stdout and "COCO bbox evaluation" in result.stdout
     assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == during_training
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert len(detections) > 20 and len(again) == len(detections)
+    for a, b in zip(sorted(again, key=lambda r: (r["image_id"], -r["score"])),
+                    sorted(detections, key=lambda r: (r["image_id"], -r["score"]))):
+        assert a["category_id"] == b["category_id"] and abs(a["score"] - b["score"]) < 1e-3
     assert set(during_training) >= {"AP", "AP50", "per_category"}
