@@ -14,6 +14,7 @@ import os
 import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from deploy.onnx_export import DEFAULT_OPSET, EXPORTER, export_onnx, sidecar_path
 from deploy.ort_detector import OnnxDetector
@@ -151,8 +152,9 @@ def main(args) -> dict:
         detector = OnnxDetector(args.output, device="cpu")
         images = user_images or verification_images(args.num_images, args.fixed_size, model.transform.min_size[-1],
                                                      model.transform.max_size)
-        records = verify(model, detector, tqdm(images, desc="verify", unit="img"), args.score_tolerance,
-                         args.box_tolerance)
+        with logging_redirect_tqdm():
+            records = verify(model, detector, tqdm(images, desc="verify", unit="img"), args.score_tolerance,
+                             args.box_tolerance)
         summary["verification"] = records
         report(records, args)
     return summary

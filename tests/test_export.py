@@ -132,8 +132,9 @@ def test_traced_resize_size_is_pythons_float64_size(tmp_path):
 
 
 def test_fixed_size_export_is_static_and_refuses_other_sizes(tmp_path):
+    """--fixed-size 75 110 of a model that itself resizes to exactly 72 x 100 (ModelConfig.fixed_size)."""
     torch.manual_seed(0)
-    model = build_retinanet(**TINY).eval()
+    model = build_retinanet(**TINY, fixed_size=(72, 100)).eval()
     calibrate(model)
     path = tmp_path / "fixed.onnx"
     metadata = export_onnx(model, path, CATEGORIES, fixed_size=(75, 110))
