@@ -83,6 +83,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     amp: str = "none"
+    amp_check: str = "on"  # "off": no fp32-vs-autocast comparison of the first batch (utils/amp_check.py)
     channels_last: bool = False
     compile: bool = False
     seed: int = 42

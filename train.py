@@ -21,6 +21,7 @@ from recipes import DEMO_DATASET, RECIPES, option_help, resolve_config
 from utils import distributed as dist_utils
 from utils.checkpoint import (checkpoint_path, find_resumable_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
+from utils.amp_check import check_amp
 from utils.demo_data import ensure_demo_dataset
 from utils.device import AMP_CHOICES, autocast_dtype, resolve_device
 from utils.errors import ConfigError, UserError, exit_on_user_error
@@ -125,6 +126,9 @@ def get_args_parser():
     run = p.add_argument_group("runtime")
     run.add_argument("--device", help=h("device", "auto (this rank's GPU if CUDA is there, else cpu), cuda, cpu"))
     run.add_argument("--amp", choices=AMP_CHOICES, help=h("amp", "mixed precision (auto: fp16 on CUDA, bf16 on CPU)"))
+    run.add_argument("--amp-check", choices=["on", "off"],
+                     help=h("amp_check", "with --amp: compare the first batch's loss under autocast with fp32 and "
+                            "warn, naming the difference, past 5 %% (utils/amp_check.py)"))
     run.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile backbone, FPN, heads and the dense loss (GPU runs at a fixed size; "
@@ -223,6 +227,8 @@ def main(config):
                             checkpoint_path(config.output_dir, current.epoch, current.iteration))
             prune_checkpoints(config.output_dir, config.keep_checkpoints)
 
+    if amp_dtype is not None and config.amp_check == "on":  # every rank: the check averages over ranks
+        check_amp(model_without_ddp, train_loader, device, amp_dtype)
     stop_request = StopRequest().install()
     num_epochs = config.num_epochs(iters_per_epoch)
     logger.info("training %d iterations: %d epoch(s) of %d iterations, %d images",
@@ -282,10 +288,14 @@ def build_model(config, train_set) -> RetinaNet:
 
 def build_optimizer(model, config, iters_per_epoch: int):
     params = [p for p in model.parameters() if p.requires_grad]
+    # On CUDA the fused kernels: one launch for all parameters, and the fp16 GradScaler hands them its
+    # inf check as a tensor instead of reading it back each step (no host sync).
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                    **fused)
     else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
     total = config.total_iters(iters_per_epoch)
     # lr_steps are epochs of the schedule; with --iters they keep their place in it (1x: at 8/12 and 11/12).
     schedule = WarmupSchedule(total, [round(s * total / config.epochs) for s in config.lr_steps],

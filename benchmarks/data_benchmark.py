@@ -41,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=50, help="timed batches per worker count")
     parser.add_argument("--hflip-prob", type=float, default=0.5)
     parser.add_argument("--no-aspect-ratio-grouping", dest="aspect_ratio_grouping", action="store_false")
+    parser.add_argument("--pin-memory", action="store_true",
+                        help="copy batches into page-locked memory, as train.py does on CUDA (needs CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     return parser
@@ -59,7 +61,8 @@ def _ensure_data(args) -> None:
 def time_loader(dataset, args, workers: int) -> dict:
     """Drain ``args.batches`` batches (after the first) with ``workers`` worker processes."""
     loader = build_train_loader(dataset, args.batch_size, workers, args.seed,
-                                aspect_ratio_grouping=args.aspect_ratio_grouping)
+                                aspect_ratio_grouping=args.aspect_ratio_grouping,
+                                pin_memory=getattr(args, "pin_memory", False))
     loader.batch_sampler.set_epoch(0)
     images, batches, batch_times = 0, 0, []
     start = time.perf_counter()

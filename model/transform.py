@@ -69,11 +69,10 @@ class ImageBatcher(nn.Module):
             resized.append(image)
             image_sizes.append((new_h, new_w))
             if targets is not None:
-                ratio = torch.tensor([new_w / orig_w, new_h / orig_h] * 2, device=image.device)
                 target = dict(targets[i])
                 for key in ("boxes", "crowd_boxes"):
                     if key in target:
-                        target[key] = target[key] * ratio
+                        target[key] = scale_boxes(target[key], new_w / orig_w, new_h / orig_h)
                 scaled_targets.append(target)
         max_h = max(s[0] for s in image_sizes)
         max_w = max(s[1] for s in image_sizes)
@@ -88,6 +87,17 @@ class ImageBatcher(nn.Module):
     def postprocess(detections: list, image_sizes: list, original_sizes: list) -> list:
         """Scale each image's boxes from the resized frame back to its original pixels."""
         for det, (h, w), (orig_h, orig_w) in zip(detections, image_sizes, original_sizes):
-            ratio = torch.tensor([orig_w / w, orig_h / h] * 2, device=det["boxes"].device)
-            det["boxes"] = det["boxes"] * ratio
+            det["boxes"] = scale_boxes(det["boxes"], orig_w / w, orig_h / h)
         return detections
+
+
+def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    """``[N, 4]`` xyxy boxes with x scaled by ``scale_x`` and y by ``scale_y`` (a new tensor).
+
+    Python-number factors, not a ``torch.tensor([...], device=...)``: building a tensor from a
+    list on the GPU is a blocking copy that waits for the GPU, once per image and step.
+    """
+    scaled = boxes.clone()
+    scaled[..., 0::2] *= scale_x
+    scaled[..., 1::2] *= scale_y
+    return scaled
