@@ -52,16 +52,18 @@ def select_hard_examples(losses: Tensor, boxes: Tensor, foreground: Tensor, vali
     Returns ``BoolTensor[B, A]``: the chosen anchors.
 
     Greedy NMS decides each anchor from the higher-loss anchors alone, so running it on the
-    top-M anchors by loss gives the exact decisions for those M. M starts at 4 x batch_size and
-    grows (x4) only while some image has too few survivors of a kind in its top M: the NMS
-    never sees the ~10^5 easy anchors unless an image needs them. All images share one
+    top-M anchors by loss gives the exact decisions for those M. M starts at 2 x batch_size and
+    doubles only while some image has too few survivors of a kind in its top M: the NMS (whose
+    cost grows with M^2) never sees the ~10^5 easy anchors unless an image needs them. With
+    ``fg_ratio``, an image with fewer foreground survivors than its quota needs all of its
+    foreground anchors in the top M, however easy the last of them is. All images share one
     padded top-M; only the NMS itself runs per image.
     """
     num_images, num_anchors = losses.shape
     scores = losses.float().masked_fill(~valid, -math.inf)
     fg_quota = batch_size if fg_ratio is None else int(round(fg_ratio * batch_size))
     valid_fg, valid_bg = (valid & foreground).sum(1), (valid & ~foreground).sum(1)  # [B]
-    num_candidates = min(num_anchors, 4 * batch_size)
+    num_candidates = min(num_anchors, 2 * batch_size)
     while True:
         top_scores, top_index = scores.topk(num_candidates, dim=1)  # [B, M], highest loss first
         keep = top_scores > -math.inf  # the valid anchors among the top M
@@ -87,7 +89,7 @@ def select_hard_examples(losses: Tensor, boxes: Tensor, foreground: Tensor, vali
             done = fg_known & bg_known
         if bool(done.all()) or num_candidates == num_anchors:
             break
-        num_candidates = min(num_anchors, 4 * num_candidates)
+        num_candidates = min(num_anchors, 2 * num_candidates)
     selected = torch.zeros_like(valid)
     return selected.scatter_(1, top_index, chosen)
 

@@ -72,7 +72,7 @@ def reference_selection(losses, boxes, foreground, valid, batch_size, nms_thresh
 @pytest.mark.parametrize("batch_size,nms_thresh,fg_ratio", [(8, 0.7, None), (8, 0.5, 0.25), (16, 0.3, None),
                                                             (4, 0.5, 0.5), (64, 0.7, 0.25)])
 def test_top_m_search_equals_nms_over_every_anchor(batch_size, nms_thresh, fg_ratio):
-    # Dense, heavily overlapping boxes: most of the top 4 x batch_size anchors are suppressed,
+    # Dense, heavily overlapping boxes: most of the top 2 x batch_size anchors are suppressed,
     # so the search has to widen (and with a foreground quota, reach the low-loss positives).
     num_images, num_anchors = 3, 600
     xy = torch.rand(num_images, num_anchors, 2) * 60
