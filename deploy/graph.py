@@ -62,6 +62,13 @@ def _as_float(value) -> Tensor:
     return torch.full((), value, dtype=torch.float32)
 
 
+def _as_long(value) -> Tensor:
+    """A size as an int64 scalar tensor."""
+    if isinstance(value, Tensor):
+        return value.to(torch.int64)
+    return torch.full((), value, dtype=torch.int64)
+
+
 class DeployableRetinaNet(nn.Module):
     """One image in, detections out; the detector of ``model`` with its pre- and post-processing.
 
@@ -170,8 +177,3 @@ class DeployableRetinaNet(nn.Module):
         ratio = (sizes[:2] / sizes[2:]).to(torch.float32).repeat(2)  # [4]: w, h, w, h
         return boxes * ratio, scores, labels
 
-
-def _as_long(value) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.to(torch.int64)
-    return torch.full((), value, dtype=torch.int64)
