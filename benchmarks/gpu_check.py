@@ -19,7 +19,7 @@ without CUDA) is listed under its ``skipped`` with the reason:
 4. learning: ``train.py`` on the demo recipe (AMP on CUDA), then AP on the demo val split.
 
 Writes ``gpu_check.json`` (after every part, so a cut-off run keeps what it measured) and
-``gpu_check.md`` into ``--output-dir``; large working files go to ``--work-dir``. Exits 1 if a
+``gpu_check.md`` into ``--output-dir``; large working files go to ``--work-dir`` (output/gpu_check). Exits 1 if a
 check failed or a part raised.
 """
 import argparse
@@ -47,6 +47,7 @@ from utils.atomic_io import atomic_write, write_json_atomic  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import exit_on_user_error  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 PARTS = ("correctness", "speed", "data", "learning")
 # Seconds per part: 455 s in all, leaving half a minute of the 8 for start-up and the report.
 DEFAULT_CAPS = {"correctness": 140, "speed": 120, "data": 45, "learning": 150}
@@ -60,7 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="toy sizes everywhere: the whole run in under a minute")
     parser.add_argument("--output-dir", default="benchmarks/results", help="gpu_check.json and gpu_check.md go here")
     parser.add_argument("--work-dir", default=None,
-                        help="generated images, training output (default: OUTPUT_DIR/gpu_check_work)")
+                        help="generated images and the training run (default: output/gpu_check in the repository, "
+                             "which git ignores; with --smoke OUTPUT_DIR/gpu_check_work)")
     parser.add_argument("--demo-data", default="data/demo",
                         help="the demo dataset for part 4 (generated there if missing; train.py's default)")
     parser.add_argument("--data-path", default=None, help="part 3 on this COCO-format root instead of generated JPEGs")
@@ -189,7 +191,8 @@ def main(args) -> int:
         torch.set_num_threads(args.threads or 1)
     device = resolve_device(args.device)
     output_dir = Path(args.output_dir).resolve()
-    work_dir = Path(args.work_dir or output_dir / "gpu_check_work").resolve()
+    default_work_dir = output_dir / "gpu_check_work" if args.smoke else REPO / "output" / "gpu_check"
+    work_dir = Path(args.work_dir or default_work_dir).resolve()
     demo_root = str(work_dir / "learning_data") if args.smoke else str(Path(args.demo_data).resolve())
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ SMOKE = Sizes(model=_TINY, eval_image_sizes=((64, 80), (64, 64)), train_image_si
 SCORE_ATOL, BOX_ATOL = 1e-3, 0.5       # detections: the issue's tolerances
 LOSS_RTOL, GRAD_COSINE = 1e-3, 0.999   # fp32 training losses and gradients
 AMP_FINAL_RTOL = 0.10                  # AMP loss curve: mean of the last 5 steps vs fp32's
+FOCAL_RTOL = 1e-4                      # a sum of 38M fp32 terms in two summation orders
 
 
 def half_dtypes(device: torch.device) -> list:
@@ -256,7 +257,7 @@ def check_focal_loss(device, sizes: Sizes) -> dict:
         grad_error = float((inputs.grad.float() - plain_inputs.grad).abs().max() / plain_inputs.grad.abs().max())
         grad_tolerance = 1e-5 if dtype is torch.float32 else 1e-2  # the gradient is returned in the input dtype
         results[str(dtype).replace("torch.", "")] = {
-            "passed": value_error <= 1e-5 and grad_error <= grad_tolerance, "loss": fast,
+            "passed": value_error <= FOCAL_RTOL and grad_error <= grad_tolerance, "loss": fast,
             "relative_loss_difference": value_error, "relative_max_gradient_difference": grad_error}
         del inputs, plain_inputs, fast, plain, targets
     return {"passed": all(r["passed"] for r in results.values()), "shape": list(sizes.focal_shape), **results}

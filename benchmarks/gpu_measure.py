@@ -214,6 +214,9 @@ def run_speed(context: Context, section: dict, budget: Budget, report: dict) -> 
                           estimates[phase], into="results")
         if result and result.get("wall_s"):
             estimates[phase] = max(estimates[phase], result["wall_s"] * 1.2)
+        gc.collect()  # the next setting starts from an empty allocator
+        if context.cuda:
+            torch.cuda.empty_cache()
 
 
 def _benchmark_with_oom_retry(context: Context, amp: str, phase: str, batch: int) -> dict:
