@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", help="split to check (default: the recipe's --train-split)")
     check.add_argument("--draw", type=int, default=0, metavar="N", help="write N images with their ground truth "
                        "drawn (spread over the split) into --draw-dir")
-    check.add_argument("--draw-dir", help="where --draw writes (default: dataset_check/SPLIT)")
+    check.add_argument("--draw-dir", help="where --draw writes (default: output/dataset_check/SPLIT)")
     check.add_argument("--json", help="also write the figures (and the suggestion) to this JSON file")
     return parser
 
@@ -173,7 +173,7 @@ def main(args) -> dict:
     if args.json:
         write_json_atomic(args.json, {"data_path": config.data_path, "split": split, **report})
     if args.draw > 0:
-        draw_ground_truth(dataset, args.draw, Path(args.draw_dir or Path("dataset_check") / split))
+        draw_ground_truth(dataset, args.draw, Path(args.draw_dir or Path("output") / "dataset_check" / split))
     return report
 
 
