@@ -23,8 +23,9 @@ def write_small_object_dataset(root, num_images=6, image_size=800, seed=0):
         for _ in range(10):
             w, h = rng.integers(10, 15, 2)
             x, y = rng.uniform(0, image_size - 20, 2)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 3)),
-                                "bbox": [float(x), float(y), int(w), int(h)], "area": int(w * h), "iscrowd": 0})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.integers(1, 3)), "bbox": [float(x), float(y), int(w), int(h)],
+                                "area": int(w * h), "iscrowd": 0})
     categories = [{"id": 1, "name": "dot"}, {"id": 2, "name": "speck"}]
     (root / "annotations" / "instances_train.json").write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": categories}))

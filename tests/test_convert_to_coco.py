@@ -210,9 +210,9 @@ def test_malformed_files_stop_with_their_file_and_line(tmp_path, fmt, content, w
         (tmp_path / "in" / "train.csv").write_text(content)
         source = tmp_path / "in" / "train.csv"
     with pytest.raises(ConversionError) as info:
-        load_tool("convert_to_coco").main(Namespace(format=fmt, input=str(source), output=str(tmp_path / "out"), split="train",
-                               image_set=None, classes=None, difficult="ignore", link="symlink", overwrite=False,
-                               strict=False))
+        load_tool("convert_to_coco").main(Namespace(
+            format=fmt, input=str(source), output=str(tmp_path / "out"), split="train", image_set=None, classes=None,
+            difficult="ignore", link="symlink", overwrite=False, strict=False))
     assert where in str(info.value)
     assert not (tmp_path / "out" / "annotations").exists()
 
