@@ -130,19 +130,27 @@ def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
     if suggestion is not None:
         print(f"coverage is poor (< {POOR_COVERAGE:.0%}): with {' '.join(suggestion.flags())} it would be "
               f"{_pct(suggestion.coverage)}\nsuggested: {' '.join(suggestion.flags())}")
+    elif len(box_set.boxes) == 0:
+        print("no boxes, so nothing to cover")
     elif coverage.fg < POOR_COVERAGE:
         print("coverage is poor, and no change of anchor sizes, scales, aspect ratios or input size tried "
               "raises it by 5 points; the low-quality matches still give every box an anchor")
     else:
         print("coverage is good")
     return {"num_images": len(dataset), "num_images_without_boxes": num_empty, "num_boxes": len(box_set.boxes),
-            "num_crowd": int(crowd_per_class.sum()), "coverage": coverage.fg, "coverage_0.4": coverage.share(0.4),
+            "num_crowd": int(crowd_per_class.sum()), "coverage": _number(coverage.fg),
+            "coverage_0.4": _number(coverage.share(0.4)),
             "fg_iou_thresh": fg, "classes": [{"name": n, "images": int(images_per_class[k]), "boxes": per_class[k][0],
-                                              "coverage": per_class[k][1]} for k, n in enumerate(names)],
-            "by_size": [{"min": low, "max": None if math.isinf(high) else high, "boxes": count, "coverage": share}
+                                              "coverage": _number(per_class[k][1])} for k, n in enumerate(names)],
+            "by_size": [{"min": low, "max": None if math.isinf(high) else high, "boxes": count,
+                         "coverage": _number(share)}
                         for low, high, count, share, _ in coverage.by_size()],
             "suggestion": None if suggestion is None else {"flags": suggestion.flags(),
                                                            "coverage": suggestion.coverage}}
+
+
+def _number(share: float):
+    return None if math.isnan(share) else share  # JSON has no NaN
 
 
 def _pct(share: float) -> str:
