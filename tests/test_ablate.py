@@ -55,6 +55,11 @@ def test_set_axes_multiply_and_lists_become_several_values():
             parse_set(bad)
 
 
+def test_help_lists_every_grid():
+    text = ablate.get_args_parser().format_help()
+    assert all(name in text for name in GRIDS) and "--timing-images" in text
+
+
 def test_labels_and_folder_names_identify_a_cell():
     cell = {"cls_loss": "ohem", "ohem_batch": 128, "ohem_nms_thresh": 0.5, "ohem_fg_ratio": 0.25}
     assert cell_label(cell) == "OHEM batch=128 nms=0.5 fg=0.25"

@@ -129,3 +129,4 @@ def test_args_parsers_document_every_option():
         parser = module.get_args_parser()
         assert isinstance(parser, argparse.ArgumentParser)
         assert all(action.help for action in parser._actions)
+        assert "usage" in parser.format_help()

@@ -58,19 +58,20 @@ DEFAULT_ITERS = {"demo": 1000, "coco": 90000}
 def get_args_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: an abbreviated train.py flag must reach train.py, not match one of ours.
     parser = argparse.ArgumentParser(
-        "RetinaNet ablations", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        "RetinaNet ablations", allow_abbrev=False,
         description="Train and evaluate a grid of settings with the same data, seed and iteration budget. "
                     "Every other option is passed to train.py for each cell.")
     parser.add_argument("--grid", choices=sorted(GRIDS), help="a built-in grid: " + "; ".join(
-        f"{name}: {description}" for name, (description, _) in GRIDS.items()))
+        f"{name}: {description}" for name, (description, _) in GRIDS.items()).replace("%", "%%"))
     parser.add_argument("--set", action="append", metavar="KEY=V1,V2",
                         help="a free grid axis (train.py option name and values; repeat for a product; with "
                              "--grid, applied to every grid cell)")
     parser.add_argument("--iters", type=int, help="iterations per cell (default: demo recipe 1000, coco 90000)")
     parser.add_argument("--output-dir", help="grid folder (default: output/ablation/GRID)")
     parser.add_argument("--timing-images", type=int, default=50,
-                        help="validation images timed at batch 1 for ms/img (after 2 warm-up passes)")
-    parser.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them)")
+                        help="validation images timed at batch 1 for ms/img, after 2 warm-up passes (default: 50)")
+    parser.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep their "
+                        "result)")
     parser.add_argument("--dry-run", action="store_true", help="print every cell's train.py command and exit")
     parser.add_argument("--quiet", action="store_true",
                         help="train.py's output only to each cell's console.log, not to the terminal")
