@@ -45,7 +45,7 @@ import gpu_measure as measure  # noqa: E402
 from gpu_report import render_markdown  # noqa: E402
 from utils.atomic_io import atomic_write, write_json_atomic  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
-from utils.errors import exit_on_user_error  # noqa: E402
+from utils.errors import UserError, exit_on_user_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("correctness", "speed", "data", "learning")
@@ -190,6 +190,10 @@ def main(args) -> int:
     if args.threads or args.smoke:  # smoke: one thread, which suffers least on a shared machine
         torch.set_num_threads(args.threads or 1)
     device = resolve_device(args.device)
+    if args.data_path and "data" in args.parts:
+        annotations = Path(args.data_path) / "annotations" / f"instances_{args.data_split}.json"
+        if not annotations.is_file():
+            raise UserError(f"--data-path {args.data_path} --data-split {args.data_split}: no {annotations}")
     output_dir = Path(args.output_dir).resolve()
     default_work_dir = output_dir / "gpu_check_work" if args.smoke else REPO / "output" / "gpu_check"
     work_dir = Path(args.work_dir or default_work_dir).resolve()
