@@ -32,22 +32,33 @@ def wait_for(predicate, timeout=300):
     return False
 
 
-def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(tiny_data, tmp_path):
-    """Data-loading workers and multi-scale training: the resumed run must restore the RNG state (the
-    scale of each image is drawn in the main process) and the position in the epoch to match."""
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    args = ("--epochs", "2", "--checkpoint-every", "2", "--workers", "1", "--min-size", "48", "56", "64")
-    run(train_command(tiny_data, full, *args))
-    proc = subprocess.Popen(train_command(tiny_data, killed, *args), cwd=REPO,
+# Data-loading workers and multi-scale training: a resumed run must restore the RNG state (the scale
+# of each image is drawn in the main process) and the position in the epoch to match.
+RESUME_ARGS = ("--epochs", "2", "--checkpoint-every", "2", "--workers", "1", "--min-size", "48", "56", "64")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """Final weights of the run the killed runs must reproduce (3 iterations an epoch, 2 epochs)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(train_command(tiny_data, out, *RESUME_ARGS))
+    return final_weights(out)
+
+
+@pytest.mark.parametrize("kill_at,where", [("checkpoint_e0000_i00000002", "mid-epoch"),
+                                           ("checkpoint_e0001_i00000003", "after epoch 1")])
+def test_sigkill_then_resume_auto_matches_uninterrupted(kill_at, where, tiny_data, uninterrupted, tmp_path):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(tiny_data, killed, *RESUME_ARGS), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Iteration 2 of the 3-iteration first epoch is a mid-epoch checkpoint.
-    kill_when(proc, lambda: any("_i00000002" in c for c in list_checkpoints(str(killed))))
-    assert not (killed / "model_final.pth").exists()
-    state = resume_and_check_position(train_command(tiny_data, killed, *args, "--resume", "auto"), killed)
-    assert state["iteration"] < 6 and state["batch_in_epoch"] > 0 and state["rng"] is not None
-    expected, resumed = final_weights(full), final_weights(killed)
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+    kill_when(proc, lambda: any(kill_at in c for c in list_checkpoints(str(killed))))
+    assert not (killed / "model_final.pth").exists(), "run finished before it could be killed"
+    state = resume_and_check_position(train_command(tiny_data, killed, *RESUME_ARGS, "--resume", "auto"), killed)
+    assert state["iteration"] < 6 and state["rng"] is not None  # there was work left to resume
+    resumed = final_weights(killed)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=f"{where}: {key}")
 
 
 def test_sigterm_writes_loadable_checkpoint_and_exits_zero(tiny_data, tmp_path):
@@ -128,8 +139,7 @@ def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
     for name in (batches[0][1], batches[2][3]):  # read in iterations 1 and 3 of the first epoch
         (root / "train" / name).write_bytes(b"not an image")
     args = ("--epochs", "2", "--checkpoint-every", "1", "--max-bad-images", "4")
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    run(train_command(str(root), full, *args))
+    killed = tmp_path / "killed"
     proc = subprocess.Popen(train_command(str(root), killed, *args), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(proc, lambda: any("_i00000004" in c for c in list_checkpoints(str(killed))))
@@ -142,5 +152,5 @@ def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         return [r for r in records if r["type"] == "train"][-1]["bad_images"]
 
-    # Both images, once per epoch; a resumed run counting from 0 again would end at 2.
-    assert last_count(full) == last_count(killed) == 4
+    # Both images, once per epoch (an uninterrupted run's count); counting from 0 again would end at 2.
+    assert last_count(killed) == 4
