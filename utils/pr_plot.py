@@ -1,13 +1,15 @@
 """Precision-recall curves from an evaluated ``COCOeval``, saved as PNG.
 
-matplotlib is optional (not in requirements.txt): without it the plots are
-skipped with a hint, never an error, so ``evaluation.py --plot`` still scores.
+matplotlib is in requirements.txt, but scoring must not depend on it: without it the
+plots are skipped with a warning, never an error, so ``evaluation.py --plot`` still scores.
 """
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from utils.plotting import MatplotlibMissing, figure_class
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +34,9 @@ def plot_pr_curves(coco_eval, output_dir, category_names: Mapping[int, str] = No
     when matplotlib is missing.
     """
     try:
-        # Figure + savefig needs no pyplot, so no GUI backend and no global state.
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning("--plot: matplotlib is not installed; `pip install matplotlib` to get "
-                       "precision-recall curves. Continuing without them.")
+        Figure = figure_class("evaluation.py --plot")
+    except MatplotlibMissing as exc:
+        logger.warning("%s. Continuing without precision-recall curves.", exc)
         return []
 
     params = coco_eval.params

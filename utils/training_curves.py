@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.plotting import figure_class
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,9 @@ def plot_runs(runs: list, output_path) -> Path:
     """Draw ``runs`` (:class:`RunLog`) into one PNG of six panels, one colour per run; returns its path.
 
     Panels: total, classification and box losses, learning rate, images/s (against the
-    iteration) and AP / AP50 at each evaluation (AP50 dashed). Raises ImportError without matplotlib.
+    iteration) and AP / AP50 at each evaluation (AP50 dashed). Raises :class:`MatplotlibMissing` (an ImportError) without matplotlib.
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    figure = Figure(figsize=(15, 8.5), layout="constrained")
+    figure = figure_class("plotting training curves")(figsize=(15, 8.5), layout="constrained")
     axes = figure.subplots(2, 3).ravel()
     colours = [f"C{k % 10}" for k in range(len(runs))]
     for axis, (key, title, ylabel) in zip(axes, TRAIN_PANELS):
