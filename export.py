@@ -21,6 +21,7 @@ from deploy.ort_detector import OnnxDetector
 from deploy.verify import BOX_TOLERANCE, SCORE_TOLERANCE, verification_images, verify
 from inference import list_images
 from model.weights import load_detector
+from utils.cli import HelpFormatter
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import ImageReadError, read_image
 from utils.logger import setup_logging
@@ -43,14 +44,10 @@ class VerificationError(UserError):
     """ONNX Runtime and PyTorch disagree beyond the tolerances."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the examples epilog printed as written."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("export.py", description="Export a RetinaNet to ONNX (one uint8 image in, "
                                      "boxes/scores/labels out) and check it against PyTorch.", epilog=EXAMPLES,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint written by train.py; the model is rebuilt from it alone")
     source.add_argument("--weights", help="a checkpoint, a torchvision RetinaNet state-dict file, or a torchvision "

@@ -37,6 +37,7 @@ from deploy.ort_detector import OnnxDetector
 from model.weights import load_detector
 from utils.atomic_io import write_json_atomic
 from utils.checkpoint import CheckpointError
+from utils.cli import HelpFormatter
 from utils.coco_results import CocoResultsWriter
 from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
 from utils.errors import UserError, exit_on_user_error
@@ -58,14 +59,10 @@ class InferenceError(UserError, RuntimeError):
     """Inputs or outputs the run cannot work with; the command line prints it as one line."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the examples epilog printed as written."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("inference.py", description="Detect objects in images with a RetinaNet; "
                                      "writes drawn copies and detections.json.", epilog=EXAMPLES,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint written by train.py; the model is rebuilt from it alone")
     source.add_argument("--weights", help="a checkpoint, a torchvision RetinaNet state-dict file, or a torchvision "
