@@ -33,6 +33,7 @@ import coco_dataset
 from model.weights import build_detector, read_weights
 from utils import distributed
 from utils.atomic_io import write_json_atomic
+from utils.coco_annotations import load_coco_json, parse_coco_detection
 from utils.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
 from utils.coco_results import read_results_file
 from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
@@ -176,8 +177,8 @@ def _load_ground_truth(ann_file: Path) -> COCO:
     if not ann_file.is_file():
         raise UserError(f"ground truth {ann_file} not found; pass --data-path/--split or --ann-file")
     logger.info("loading ground truth %s", ann_file)
-    dataset = coco_dataset.load_coco_json(ann_file)
-    coco_dataset.parse_coco_detection(dataset, source=str(ann_file))  # a malformed file: one line naming the entry
+    dataset = load_coco_json(ann_file)
+    parse_coco_detection(dataset, source=str(ann_file))  # a malformed file: one line naming the entry
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "creating index..." prints

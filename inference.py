@@ -32,12 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import coco_dataset
 from deploy.ort_detector import OnnxDetector
 from model.weights import load_detector
 from utils.atomic_io import write_json_atomic
 from utils.checkpoint import CheckpointError
 from utils.cli import HelpFormatter
+from utils.coco_annotations import read_image_list
 from utils.coco_results import CocoResultsWriter
 from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
 from utils.errors import UserError, exit_on_user_error
@@ -204,7 +204,7 @@ def coco_results_writer(args, paths):
         return None
     if os.path.exists(args.coco_results) and not args.overwrite:
         raise InferenceError(f"--coco-results {args.coco_results} exists; pass --overwrite to replace it")
-    image_list = coco_dataset.read_image_list(args.image_info) if args.image_info else None
+    image_list = read_image_list(args.image_info) if args.image_info else None
     return CocoResultsWriter(args.coco_results, paths, image_list, source=args.image_info)
 
 

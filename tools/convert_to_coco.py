@@ -26,6 +26,7 @@ from tqdm import tqdm  # noqa: E402
 
 import coco_dataset  # noqa: E402
 from utils.atomic_io import write_json_atomic  # noqa: E402
+from utils.coco_annotations import parse_coco_detection  # noqa: E402
 from utils.dataset_formats.common import ConversionError, Problems, read_class_list, to_coco  # noqa: E402
 from utils.dataset_formats.csv_rows import read_csv  # noqa: E402
 from utils.dataset_formats.voc import DIFFICULT_CHOICES, read_voc  # noqa: E402
@@ -123,7 +124,7 @@ def main(args) -> dict:
     paths = [entry.path for entry in entries]
     names = output_file_names(paths)
     dataset = to_coco(entries, names, class_names)
-    coco_dataset.parse_coco_detection(dataset, source=str(ann_path))  # what training will check, before writing
+    parse_coco_detection(dataset, source=str(ann_path))  # what training will check, before writing
     place_images(paths, names, image_dir, args.link, args.overwrite)
     write_json_atomic(ann_path, dataset)
     coco_dataset.CocoDetection(image_dir, ann_path)  # the images are where training will look for them

@@ -90,7 +90,7 @@ def image_ids_for_files(paths: list, image_list: dict = None, source: str = "--i
     Args:
         paths: image file paths.
         image_list: ``{file_name: image id}`` of an image-info or annotation file
-            (``coco_dataset.read_image_list``); a path matches an entry whose ``file_name`` is
+            (``utils.coco_annotations.read_image_list``); a path matches an entry whose ``file_name`` is
             the path itself, or the path's last components (``val2017/x.jpg`` or ``x.jpg``).
             None: ids 1, 2, ... in the order of ``paths``.
 
