@@ -10,14 +10,14 @@ downstream gets ``FloatTensor[N, 4]`` absolute ``x1, y1, x2, y2`` and contiguous
 labels in ``[0, num_classes)`` (label ``k`` is category id ``cat_ids[k]``).
 
 The annotation file is validated as a whole when the dataset is built (before
-any GPU time is spent) by ``utils/coco_annotations.py``, vectorised with numpy so that
-COCO train2017's 860k annotations take seconds: malformed entries raise a ``utils.errors.DatasetError``
+any GPU time is spent) by ``utils/data/coco_annotations.py``, vectorised with numpy so that
+COCO train2017's 860k annotations take seconds: malformed entries raise a ``utils.runtime.errors.DatasetError``
 (a ValueError) naming the file and the entry, a missing file or folder a
 ``DatasetNotFoundError`` (a FileNotFoundError), which entry scripts print as one
 line; boxes reaching outside the image are clipped; boxes that are
 empty after clipping are dropped with one counted warning.
 
-Transforms (``RandomHorizontalFlip``, ``Compose``) live in ``utils/transforms.py``
+Transforms (``RandomHorizontalFlip``, ``Compose``) live in ``utils/data/transforms.py``
 and are re-exported here; multi-scale resizing is done by the model.
 """
 import contextlib
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from utils.coco_annotations import load_coco_json, parse_coco_detection, splits_hint
-from utils.errors import DatasetError, DatasetNotFoundError
-from utils.image_io import ImageReadError, read_image
-from utils.transforms import Compose, RandomHorizontalFlip  # noqa: F401  (part of this module's API)
+from utils.data.coco_annotations import load_coco_json, parse_coco_detection, splits_hint
+from utils.runtime.errors import DatasetError, DatasetNotFoundError
+from utils.data.image_io import ImageReadError, read_image
+from utils.data.transforms import Compose, RandomHorizontalFlip  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
 

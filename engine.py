@@ -1,7 +1,7 @@
 """One training epoch: forward, backward, step, logging. Used by train.py.
 
 Every decision inside the loop that could differ between DDP ranks (skip this step,
-stop the run) is agreed by all ranks first (``utils.distributed.agree``): a rank that
+stop the run) is agreed by all ranks first (``utils.runtime.distributed.agree``): a rank that
 decided alone would leave the others waiting in the next collective until the
 process-group timeout.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import list_checkpoints
-from utils.device import autocast
-from utils.distributed import agree, all_gather_object, all_reduce_mean, get_world_size, is_main_process
-from utils.errors import UserError
+from utils.runtime.checkpoint import list_checkpoints
+from utils.runtime.device import autocast
+from utils.runtime.distributed import agree, all_gather_object, all_reduce_mean, get_world_size, is_main_process
+from utils.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, stat
     """Train what remains of epoch ``state.epoch`` (from ``state.batch_in_epoch``).
 
     Args:
-        loader: yields ``(images, targets, bad)`` (``utils.loaders.build_train_loader``);
+        loader: yields ``(images, targets, bad)`` (``utils.data.loaders.build_train_loader``);
             ``bad`` lists the messages of this batch's unreadable images (skipped).
         state: updated in place and returned.
         config: the run's ``recipes.TrainConfig`` (epochs, iters, clip_grad_norm, print_freq,

@@ -31,16 +31,16 @@ from tqdm import tqdm
 
 import coco_dataset
 from model.weights import build_detector, read_weights
-from utils import distributed
-from utils.atomic_io import write_json_atomic
-from utils.coco_annotations import load_coco_json, parse_coco_detection
-from utils.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
-from utils.coco_results import read_results_file
-from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
-from utils.errors import UserError, exit_on_user_error
-from utils.loaders import build_eval_loader
-from utils.logger import setup_logging
-from utils.pr_plot import plot_pr_curves
+from utils.runtime import distributed
+from utils.runtime.atomic_io import write_json_atomic
+from utils.data.coco_annotations import load_coco_json, parse_coco_detection
+from utils.evaluation.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
+from utils.evaluation.coco_results import read_results_file
+from utils.runtime.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
+from utils.runtime.errors import UserError, exit_on_user_error
+from utils.data.loaders import build_eval_loader
+from utils.runtime.logger import setup_logging
+from utils.evaluation.pr_plot import plot_pr_curves
 
 logger = logging.getLogger("evaluation")
 
@@ -97,10 +97,10 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
             does not count the rest of the split as misses.
         label_to_cat_id: label k -> dataset category id (sequence or mapping).
         output_dir: if set, rank 0 writes ``results.json``, ``metrics.json`` (and PNGs with ``plot``).
-        amp: ``--amp``: "none", "auto" (fp16 on CUDA, bf16 on CPU), "fp16" or "bf16" (``utils.device``).
+        amp: ``--amp``: "none", "auto" (fp16 on CUDA, bf16 on CPU), "fp16" or "bf16" (``utils.runtime.device``).
 
     Returns:
-        the 12 COCO figures (fraction or None, see ``utils.coco_eval``) plus ``"per_category"``.
+        the 12 COCO figures (fraction or None, see ``utils.evaluation.coco_eval``) plus ``"per_category"``.
         Every rank returns the same dict: rank 0 scores and broadcasts it, so all ranks can
         take the same decision (best checkpoint, early stop) without another collective.
     """

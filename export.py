@@ -21,10 +21,10 @@ from deploy.ort_detector import OnnxDetector
 from deploy.verify import BOX_TOLERANCE, SCORE_TOLERANCE, verification_images, verify
 from inference import list_images
 from model.weights import load_detector
-from utils.cli import HelpFormatter
-from utils.errors import UserError, exit_on_user_error
-from utils.image_io import ImageReadError, read_image
-from utils.logger import setup_logging
+from utils.runtime.cli import HelpFormatter
+from utils.runtime.errors import UserError, exit_on_user_error
+from utils.data.image_io import ImageReadError, read_image
+from utils.runtime.logger import setup_logging
 
 logger = logging.getLogger("export")
 

@@ -17,7 +17,7 @@ drawn at the input's frame rate and exact size, and ``<stem>_frames.json`` with 
 detections of every detected frame (frame index, timestamp in seconds); ``--every N``
 detects on every Nth frame. Frames stream through in batches, so memory stays flat
 on long footage; a broken or truncated video keeps the frames that decoded
-(``utils/video.py``).
+(``utils/visual/video.py``).
 """
 import argparse
 import glob
@@ -34,17 +34,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from deploy.ort_detector import OnnxDetector
 from model.weights import load_detector
-from utils.atomic_io import write_json_atomic
-from utils.checkpoint import CheckpointError
-from utils.cli import HelpFormatter
-from utils.coco_annotations import read_image_list
-from utils.coco_results import CocoResultsWriter
-from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
-from utils.errors import UserError, exit_on_user_error
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
-from utils.logger import setup_logging
-from utils.video import VIDEO_EXTENSIONS, VideoReadError, is_video_file, process_video
-from utils.visualize import draw_detections, save_image
+from utils.runtime.atomic_io import write_json_atomic
+from utils.runtime.checkpoint import CheckpointError
+from utils.runtime.cli import HelpFormatter
+from utils.data.coco_annotations import read_image_list
+from utils.evaluation.coco_results import CocoResultsWriter
+from utils.runtime.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
+from utils.runtime.errors import UserError, exit_on_user_error
+from utils.data.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
+from utils.runtime.logger import setup_logging
+from utils.visual.video import VIDEO_EXTENSIONS, VideoReadError, is_video_file, process_video
+from utils.visual.visualize import draw_detections, save_image
 
 logger = logging.getLogger("inference")
 
@@ -253,7 +253,7 @@ def frames_file_name(video_name: str) -> str:
 
 
 def detect_videos(videos, names, model, device, amp_dtype, categories, output_dir: Path, args):
-    """Each video: a drawn copy and its per-frame JSON (utils/video.py). ``(summaries, number not readable)``."""
+    """Each video: a drawn copy and its per-frame JSON (utils/visual/video.py). ``(summaries, number not readable)``."""
     class_names = [category["name"] for category in categories]
 
     def detect(frames):

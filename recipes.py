@@ -18,7 +18,7 @@ from typing import Optional
 
 from model.config import FOLLOW_WEIGHTS_FIELDS, ModelConfig
 from model.config import field_names as model_field_names
-from utils.errors import ConfigError
+from utils.runtime.errors import ConfigError
 
 RECIPES = {
     "coco": dict(
@@ -83,7 +83,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     amp: str = "none"
-    amp_check: str = "on"  # "off": no fp32-vs-autocast comparison of the first batch (utils/amp_check.py)
+    amp_check: str = "on"  # "off": no fp32-vs-autocast comparison of the first batch (utils/training/amp_check.py)
     channels_last: bool = False
     compile: bool = False
     seed: int = 42

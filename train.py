@@ -18,19 +18,19 @@ from model.anchor_coverage import coverage_summary
 from model.config import CLS_LOSSES
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
 from recipes import DEMO_DATASET, RECIPES, option_help, resolve_config
-from utils import distributed as dist_utils
-from utils.checkpoint import (checkpoint_path, find_resumable_checkpoint, load_checkpoint, prune_checkpoints,
+from utils.runtime import distributed as dist_utils
+from utils.runtime.checkpoint import (checkpoint_path, find_resumable_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
-from utils.amp_check import check_amp
-from utils.demo_data import ensure_demo_dataset
-from utils.device import AMP_CHOICES, autocast_dtype, resolve_device
-from utils.errors import ConfigError, UserError, exit_on_user_error
-from utils.loaders import build_eval_loader, build_train_loader
-from utils.logger import MetricWriter, setup_logging
-from utils.lr_schedule import WarmupSchedule
-from utils.training_curves import plot_runs, read_log
-from utils.preemption import StopRequest
-from utils.rng import restore_rng, rng_state, seed_everything
+from utils.training.amp_check import check_amp
+from utils.data.demo_data import ensure_demo_dataset
+from utils.runtime.device import AMP_CHOICES, autocast_dtype, resolve_device
+from utils.runtime.errors import ConfigError, UserError, exit_on_user_error
+from utils.data.loaders import build_eval_loader, build_train_loader
+from utils.runtime.logger import MetricWriter, setup_logging
+from utils.training.lr_schedule import WarmupSchedule
+from utils.visual.training_curves import plot_runs, read_log
+from utils.training.preemption import StopRequest
+from utils.runtime.rng import restore_rng, rng_state, seed_everything
 
 logger = logging.getLogger("train")
 
@@ -128,7 +128,7 @@ def get_args_parser():
     run.add_argument("--amp", choices=AMP_CHOICES, help=h("amp", "mixed precision (auto: fp16 on CUDA, bf16 on CPU)"))
     run.add_argument("--amp-check", choices=["on", "off"],
                      help=h("amp_check", "with --amp: compare the first batch's loss under autocast with fp32 and "
-                            "warn, naming the difference, past 5 %% (utils/amp_check.py)"))
+                            "warn, naming the difference, past 5 %% (utils/training/amp_check.py)"))
     run.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile backbone, FPN, heads and the dense loss (GPU runs at a fixed size; "

@@ -44,8 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.atomic_io import write_json_atomic  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
+from utils.runtime.device import resolve_device  # noqa: E402
 
 from model import BACKBONES, build_retinanet  # noqa: E402
 

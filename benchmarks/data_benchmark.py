@@ -4,7 +4,7 @@
     python benchmarks/data_benchmark.py --data-path /data/coco --split train2017 --workers 4 8 16
 
 It runs exactly what train.py runs -- ``coco_dataset.build_dataset`` (decoding,
-target conversion, random flip) behind ``utils.loaders.build_train_loader`` (seeded
+target conversion, random flip) behind ``utils.data.loaders.build_train_loader`` (seeded
 sampler, aspect-ratio grouping, collation) -- and drains ``--batches`` batches per
 worker count. Compare the numbers with the training images/s of
 ``benchmarks/benchmark.py`` (or train.py's log) at the same batch size: if the
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.atomic_io import write_json_atomic  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 
 import coco_dataset  # noqa: E402
-from utils.loaders import build_train_loader  # noqa: E402
+from utils.data.loaders import build_train_loader  # noqa: E402
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo"
 
@@ -54,7 +54,7 @@ def _ensure_data(args) -> None:
         return
     if Path(args.data_path).resolve() != DEMO_ROOT.resolve():
         raise FileNotFoundError(f"no annotations at {ann_file}; check --data-path and --split")
-    from utils.demo_data import ensure_demo_dataset
+    from utils.data.demo_data import ensure_demo_dataset
     ensure_demo_dataset(str(DEMO_ROOT))
 
 

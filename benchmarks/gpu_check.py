@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_correctness as correctness  # noqa: E402
 import gpu_measure as measure  # noqa: E402
 from gpu_report import render_markdown  # noqa: E402
-from utils.atomic_io import atomic_write, write_json_atomic  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
+from utils.runtime.atomic_io import atomic_write, write_json_atomic  # noqa: E402
+from utils.runtime.device import resolve_device  # noqa: E402
+from utils.runtime.errors import UserError, exit_on_user_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("correctness", "speed", "data", "learning")

@@ -27,7 +27,7 @@ from model import build_retinanet  # noqa: E402
 from ops.focal_loss import focal_loss_from_labels  # noqa: E402
 from recipes import TrainConfig  # noqa: E402
 from train import build_optimizer  # noqa: E402
-from utils.device import autocast  # noqa: E402
+from utils.runtime.device import autocast  # noqa: E402
 
 
 @dataclass(frozen=True)

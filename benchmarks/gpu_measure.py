@@ -27,8 +27,8 @@ import gpu_correctness as correctness  # noqa: E402
 
 import coco_dataset  # noqa: E402
 from recipes import DEMO_DATASET  # noqa: E402
-from utils.demo_data import ensure_demo_dataset  # noqa: E402
-from utils.loaders import build_train_loader  # noqa: E402
+from utils.data.demo_data import ensure_demo_dataset  # noqa: E402
+from utils.data.loaders import build_train_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (--device cpu): ran CPU against CPU at toy size, which tests this script, not CUDA"

@@ -42,7 +42,7 @@ from benchmarks.benchmark import build_ours, build_torchvision_retinanet, make_b
 from deploy.onnx_export import export_onnx  # noqa: E402
 from deploy.ort_detector import OnnxDetector  # noqa: E402
 from model import BACKBONES  # noqa: E402
-from utils.atomic_io import write_json_atomic  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 
 NAMES = ("onnxruntime", "ours", "torchvision")
 

@@ -35,7 +35,7 @@ import torch
 
 from deploy.graph import DeployableRetinaNet
 from model.retinanet import RetinaNet
-from utils.atomic_io import write_json_atomic
+from utils.runtime.atomic_io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

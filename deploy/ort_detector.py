@@ -6,7 +6,7 @@
     result["scores"]           # float32 [D], sorted by decreasing score
     result["labels"]           # int64 [D]; detector.categories[label] = {"id", "name"}
 
-Every problem with the file or an input is a :class:`utils.errors.UserError` naming it.
+Every problem with the file or an input is a :class:`utils.runtime.errors.UserError` naming it.
 """
 import json
 import os
@@ -14,7 +14,7 @@ import os
 import numpy as np
 import onnxruntime
 
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("boxes", "scores", "labels")

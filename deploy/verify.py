@@ -9,7 +9,7 @@ scores each PyTorch detection is paired with the closest ONNX one.
 import numpy as np
 import torch
 
-from utils.demo_data import render_image
+from utils.data.demo_data import render_image
 
 SCORE_TOLERANCE = 1e-4
 BOX_TOLERANCE = 1e-2  # pixels
@@ -56,7 +56,7 @@ def compare_detections(reference: dict, candidate: dict, score_tolerance: float 
 
 def verification_images(count: int = 3, fixed_size=None, min_size: int = 800, max_size: int = 1333,
                         seed: int = 0) -> list:
-    """``count`` synthetic scenes (shapes on textured backgrounds, utils.demo_data) as
+    """``count`` synthetic scenes (shapes on textured backgrounds, utils.data.demo_data) as
     ``(name, ByteTensor[3, H, W])``: of ``fixed_size``, or of varied sizes and aspect
     ratios that are multiples of neither 32 nor 2, some up- and some down-scaled by the model."""
     rng = np.random.default_rng(seed)

@@ -2,7 +2,7 @@
 import torch
 from torch import Tensor
 
-from utils.boxes import elementwise_generalized_iou
+from utils.boxes.box_ops import elementwise_generalized_iou
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0 / 9) -> Tensor:

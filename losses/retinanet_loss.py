@@ -5,10 +5,10 @@ from torch import Tensor
 from losses.box_losses import giou_loss, smooth_l1_loss
 from losses.ohem import ohem_cross_entropy
 from ops.focal_loss import focal_loss_from_labels
-from utils.box_coder import BoxCoder
-from utils.boxes import box_ioa, box_iou
-from utils.distributed import all_reduce_mean
-from utils.matcher import BACKGROUND, IGNORE, match_anchors
+from utils.boxes.box_coder import BoxCoder
+from utils.boxes.box_ops import box_ioa, box_iou
+from utils.runtime.distributed import all_reduce_mean
+from utils.boxes.matcher import BACKGROUND, IGNORE, match_anchors
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
 CLS_LOSSES = ("focal", "ce", "balanced-ce", "ohem")
@@ -36,7 +36,7 @@ class RetinaNetLoss(torch.nn.Module):
     least 1 -- the paper's normalisation.
 
     Args:
-        box_coder: the detector's :class:`utils.box_coder.BoxCoder` (targets are encoded,
+        box_coder: the detector's :class:`utils.boxes.box_coder.BoxCoder` (targets are encoded,
             and GIoU predictions decoded, exactly as the detector decodes).
         cls_loss: the classification loss, the paper's Table 1 baselines:
             "focal" (``focal_alpha``, ``focal_gamma``; eq. 5);

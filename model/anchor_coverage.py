@@ -27,7 +27,7 @@ import torch
 
 from model.anchors import AnchorGenerator, default_anchor_sizes
 from model.config import ModelConfig
-from utils.boxes import box_iou
+from utils.boxes.box_ops import box_iou
 
 FIRST_LEVEL = 3  # P3, stride 8: the finest pyramid level RetinaNet predicts from
 # sqrt(area) ranges at the training resolution, in pixels (the anchor sizes double per level).

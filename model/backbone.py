@@ -6,9 +6,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from utils.checkpoint import CheckpointError, WeightsFileNotFoundError, torch_load
-from utils.errors import ConfigError
-from utils.hub import fetch_published_weights
+from utils.runtime.checkpoint import CheckpointError, WeightsFileNotFoundError, torch_load
+from utils.runtime.errors import ConfigError
+from utils.runtime.hub import fetch_published_weights
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _load_pretrained_state(name: str, pretrained):
     """The ImageNet state dict ``pretrained`` names (a local file or a torchvision tag), or None for random init.
 
     A torchvision tag is read from torch's hub cache, downloaded there once; offline, a
-    one-line :class:`utils.hub.WeightsUnavailableError` says which file to copy where.
+    one-line :class:`utils.runtime.hub.WeightsUnavailableError` says which file to copy where.
     """
     if pretrained in (None, False, "", "none"):
         return None

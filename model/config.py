@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 from model.backbone import BACKBONES
 from model.transform import IMAGENET_MEAN, IMAGENET_STD
-from utils.errors import ConfigError
+from utils.runtime.errors import ConfigError
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
 # The paper's classification losses (Section 5.1, Table 1): see losses/retinanet_loss.py.

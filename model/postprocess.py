@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from utils.box_coder import BoxCoder
-from utils.boxes import clip_boxes
+from utils.boxes.box_coder import BoxCoder
+from utils.boxes.box_ops import clip_boxes
 
 
 def select_candidates(cls_logits, num_anchors_per_level: list, topk_candidates: int):

@@ -12,7 +12,7 @@ from model.postprocess import postprocess_detections
 from model.transform import ImageBatcher
 from ops.fast_trunk import FastResNetTrunk
 from ops.winograd import use_winograd
-from utils.box_coder import BoxCoder
+from utils.boxes.box_coder import BoxCoder
 
 
 class RetinaNet(nn.Module):

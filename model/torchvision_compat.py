@@ -20,7 +20,7 @@ import re
 import torch
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
-from utils.checkpoint import CheckpointError
+from utils.runtime.checkpoint import CheckpointError
 
 # torchvision's list is indexed by category id; the placeholders are not categories.
 _TORCHVISION_COCO_NAMES = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]

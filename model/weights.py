@@ -12,7 +12,7 @@ A weights spec is one of
     ``"RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1"`` or a builder name (``"retinanet_resnet50_fpn_v2"``)
     for its default weights; downloaded once into torch's hub cache.
 
-Every unusable file fails with one :class:`utils.checkpoint.CheckpointError` line naming it.
+Every unusable file fails with one :class:`utils.runtime.checkpoint.CheckpointError` line naming it.
 """
 import logging
 import os
@@ -26,9 +26,9 @@ from model.head import prior_bias
 from model.retinanet import RetinaNet
 from model.torchvision_compat import (BACKBONE_BN_EPS, COCO_CATEGORIES, NUM_TORCHVISION_COCO_CLASSES,
                                       convert_torchvision_state_dict, is_torchvision_retinanet_state_dict)
-from utils.checkpoint import CheckpointError, WeightsFileNotFoundError, load_state_dict_checked, torch_load
-from utils.errors import ConfigError
-from utils.hub import WeightsUnavailableError, fetch_published_weights  # noqa: F401  (part of this module's API)
+from utils.runtime.checkpoint import CheckpointError, WeightsFileNotFoundError, load_state_dict_checked, torch_load
+from utils.runtime.errors import ConfigError
+from utils.runtime.hub import WeightsUnavailableError, fetch_published_weights  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
 

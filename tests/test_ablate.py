@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.demo_data import generate_demo_dataset
-from utils.errors import ConfigError
+from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -1,4 +1,4 @@
-"""The AMP self-check (utils/amp_check.py): a model whose half-precision loss differs is reported,
+"""The AMP self-check (utils/training/amp_check.py): a model whose half-precision loss differs is reported,
 a normal one is not, the check leaves no trace, DDP ranks agree, and train.py runs it."""
 import logging
 import os
@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from model import build_retinanet
-from utils.amp_check import check_amp
-from utils.demo_data import generate_demo_dataset
+from utils.training.amp_check import check_amp
+from utils.data.demo_data import generate_demo_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def one_batch(num_images=2):
 
 @pytest.mark.parametrize("dtype,name", [(torch.float16, "fp16"), (torch.bfloat16, "bf16")])
 def test_a_loss_that_differs_under_autocast_is_reported_with_the_difference(dtype, name, caplog):
-    with caplog.at_level(logging.WARNING, logger="utils.amp_check"):
+    with caplog.at_level(logging.WARNING, logger="utils.training.amp_check"):
         result = check_amp(StubDetector(amp_factor=1.3), one_batch(), "cpu", dtype)
     assert not result.passed
     assert result.relative_difference["classification"] == pytest.approx(0.3 / 1.25, rel=1e-3)
@@ -52,7 +52,7 @@ def test_a_loss_that_differs_under_autocast_is_reported_with_the_difference(dtyp
 
 def test_an_agreeing_model_passes_without_a_warning(caplog):
     model = StubDetector(amp_factor=1.0 + 1e-3)  # 0.1 %, inside the 5 % tolerance
-    with caplog.at_level(logging.INFO, logger="utils.amp_check"):
+    with caplog.at_level(logging.INFO, logger="utils.training.amp_check"):
         result = check_amp(model, one_batch(), "cpu", torch.bfloat16)
     assert result.passed and result.warning is None
     assert [r.levelno for r in caplog.records] == [logging.INFO] and "AMP check passed" in caplog.records[0].message
@@ -60,7 +60,7 @@ def test_an_agreeing_model_passes_without_a_warning(caplog):
 
 
 def test_a_non_finite_half_precision_loss_is_reported(caplog):
-    with caplog.at_level(logging.WARNING, logger="utils.amp_check"):
+    with caplog.at_level(logging.WARNING, logger="utils.training.amp_check"):
         result = check_amp(StubDetector(amp_factor=float("inf")), one_batch(), "cpu", torch.float16)
     assert not result.passed and "not finite" in result.warning and "fp16" in result.warning
 

@@ -9,7 +9,7 @@ from model.anchor_coverage import (BoxSet, best_anchor_iou, feature_grid, measur
 from model.anchors import AnchorGenerator, default_anchor_sizes
 from model.config import ModelConfig
 from model.transform import ImageBatcher
-from utils.boxes import box_iou
+from utils.boxes.box_ops import box_iou
 
 
 def random_boxes(num, height, width, generator, max_side=None):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torchvision.ops import box_iou as tv_box_iou
 from torchvision.ops import generalized_box_iou
 
-from utils.boxes import (BBOX_XFORM_CLIP, box_ioa, box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh, clip_boxes,
+from utils.boxes.box_ops import (BBOX_XFORM_CLIP, box_ioa, box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh, clip_boxes,
                          decode_boxes, elementwise_generalized_iou, encode_boxes)
 
 

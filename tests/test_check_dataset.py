@@ -57,7 +57,7 @@ def test_small_objects_low_coverage_with_default_anchors_high_with_the_suggestio
 
 
 def test_draw_writes_images_and_counts_match_the_annotations(tmp_path):
-    from utils.demo_data import generate_demo_dataset
+    from utils.data.demo_data import generate_demo_dataset
     generate_demo_dataset(tmp_path / "demo", num_train=8, num_val=2, image_size=64, seed=3, show_progress=False)
     report, stdout = check(tmp_path / "demo", tmp_path, "--recipe", "demo", "--draw", "3", "--draw-dir",
                            str(tmp_path / "drawn"))

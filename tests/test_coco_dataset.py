@@ -15,7 +15,7 @@ from PIL import Image
 
 from coco_dataset import (CocoDetection, Compose, RandomHorizontalFlip, build_dataset, collate_fn,
                           parse_coco_detection)
-from utils.image_io import ImageReadError
+from utils.data.image_io import ImageReadError
 
 
 def base_dataset():

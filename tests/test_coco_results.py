@@ -15,9 +15,9 @@ from pycocotools.coco import COCO
 import evaluation
 import inference
 from model import build_retinanet
-from utils.checkpoint import save_checkpoint
-from utils.coco_results import CocoResultsWriter, ResultsFileError, image_ids_for_files, read_results_file
-from utils.errors import UserError
+from utils.runtime.checkpoint import save_checkpoint
+from utils.evaluation.coco_results import CocoResultsWriter, ResultsFileError, image_ids_for_files, read_results_file
+from utils.runtime.errors import UserError
 
 CATEGORIES = [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}]  # ids non-contiguous, not sorted
 IMAGE_IDS = [139, 285, 632]  # like COCO's: neither 0-based nor contiguous

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 import coco_dataset
-from utils.dataset_formats.common import ConversionError
-from utils.dataset_formats.yolo import parse_yaml_names
+from utils.data.formats.common import ConversionError
+from utils.data.formats.yolo import parse_yaml_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TRAIN = ["--recipe", "demo", "--train-split", "train", "--val-split", "train", "--max-iters", "2",
@@ -257,7 +257,7 @@ def test_make_voc_example_round_trips_the_demo_boxes_through_the_converter(tmp_p
 
     import av
 
-    from utils.demo_data import DEMO_CATEGORIES, render_image
+    from utils.data.demo_data import DEMO_CATEGORIES, render_image
     voc, clip = tmp_path / "voc", tmp_path / "clip.mp4"
     load_tool("make_voc_example").main(Namespace(output=str(voc), num_train=4, num_val=2, image_size=64, seed=5,
                                                  video=str(clip), fps=5))

@@ -8,8 +8,8 @@ import pytest
 
 import coco_dataset
 from test_train import REPO, train_command
-from utils.demo_data import generate_demo_dataset
-from utils.loaders import build_train_loader
+from utils.data.demo_data import generate_demo_dataset
+from utils.data.loaders import build_train_loader
 
 
 def torchrun(data, out, *extra, timeout=300):

@@ -1,4 +1,4 @@
-"""Tests for utils/demo_data.py: COCO validity, box tightness, determinism, caching."""
+"""Tests for utils/data/demo_data.py: COCO validity, box tightness, determinism, caching."""
 import json
 import os
 
@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from utils import demo_data
-from utils.demo_data import (DEMO_CATEGORIES, MARKER_NAME, ensure_demo_dataset,
+from utils.data import demo_data
+from utils.data.demo_data import (DEMO_CATEGORIES, MARKER_NAME, ensure_demo_dataset,
                              generate_demo_dataset, render_image, shape_mask)
 
 SMALL = dict(num_train=20, num_val=6, image_size=96, show_progress=False)

@@ -1,9 +1,9 @@
-"""One meaning of --device and --amp for every entry script (utils/device.py)."""
+"""One meaning of --device and --amp for every entry script (utils/runtime/device.py)."""
 import pytest
 import torch
 
-from utils.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
-from utils.errors import UserError
+from utils.runtime.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
+from utils.runtime.errors import UserError
 
 
 def test_auto_device_and_missing_cuda():

@@ -4,7 +4,7 @@ import torch
 
 from engine import NonFiniteLossError, TooManyBadImagesError, TrainState, train_one_epoch
 from recipes import TrainConfig
-from utils.checkpoint import save_checkpoint
+from utils.runtime.checkpoint import save_checkpoint
 
 
 class StubModel(torch.nn.Module):

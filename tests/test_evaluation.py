@@ -1,4 +1,4 @@
-"""evaluation.py and utils/coco_eval.py on tiny hand-made COCO splits (CPU, seconds).
+"""evaluation.py and utils/evaluation/coco_eval.py on tiny hand-made COCO splits (CPU, seconds).
 
 The reference is pycocotools' COCOeval driven directly (``loadRes`` + ``evaluate``),
 plus hand-computed APs for cases small enough to follow COCO's 101-point interpolation.
@@ -18,8 +18,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import coco_dataset
-from utils.atomic_io import write_json_atomic
-from utils.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
+from utils.runtime.atomic_io import write_json_atomic
+from utils.evaluation.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,7 +265,7 @@ def test_plot_writes_pngs(coco_root, tmp_path):
 
 
 def test_plot_without_matplotlib_only_warns(coco_root, tmp_path, monkeypatch, caplog):
-    from utils.pr_plot import plot_pr_curves
+    from utils.evaluation.pr_plot import plot_pr_curves
 
     coco_gt = COCO(str(coco_root / "annotations" / "instances_val.json"))
     _, coco_eval = score_coco_results(coco_gt, as_results(GT_BOXES))

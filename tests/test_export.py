@@ -24,7 +24,7 @@ from model.torchvision_compat import COCO_CATEGORIES
 from model.transform import ImageBatcher
 from model.weights import load_detector
 from onnx_models import BLANK, CATEGORIES, CONFIGS, IMAGES, TINY, calibrate, torchvision_layout_file
-from utils.checkpoint import save_checkpoint
+from utils.runtime.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

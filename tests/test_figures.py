@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from model import build_retinanet
-from utils.checkpoint import save_checkpoint
-from utils.demo_data import generate_demo_dataset
-from utils.errors import exit_on_user_error
+from utils.runtime.checkpoint import save_checkpoint
+from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.errors import exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="resnet18", fpn_channels=32, head_convs=1, head_norm="gn", num_extra_levels=1,

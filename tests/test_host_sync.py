@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import host_sync  # noqa: E402
 from model import build_retinanet  # noqa: E402
 from recipes import TrainConfig  # noqa: E402
-from utils.demo_data import generate_demo_dataset  # noqa: E402
-from utils.loaders import build_train_loader  # noqa: E402
+from utils.data.demo_data import generate_demo_dataset  # noqa: E402
+from utils.data.loaders import build_train_loader  # noqa: E402
 
 import coco_dataset  # noqa: E402
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from utils import image_io
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image, to_rgb_uint8
+from utils.data import image_io
+from utils.data.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image, to_rgb_uint8
 
 H, W = 12, 20  # non-square so a transposed result cannot pass by accident
 

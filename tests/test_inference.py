@@ -1,4 +1,4 @@
-"""inference.py and utils/visualize.py end to end on a tiny untrained model (CPU, seconds).
+"""inference.py and utils/visual/visualize.py end to end on a tiny untrained model (CPU, seconds).
 
 The model is a ResNet-18 RetinaNet with 32 FPN channels at 64-96 px; prior_prob=0.5
 makes every anchor score about 0.5, so the untrained model has detections to write.
@@ -18,8 +18,8 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils import visualize
-from utils.checkpoint import save_checkpoint
+from utils.visual import visualize
+from utils.runtime.checkpoint import save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]

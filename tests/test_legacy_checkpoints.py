@@ -15,7 +15,7 @@ import torch
 
 from model import build_retinanet, load_detector
 from model.config import LEGACY_EXECUTION_KEYS
-from utils.checkpoint import save_checkpoint
+from utils.runtime.checkpoint import save_checkpoint
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "legacy_checkpoints.json").read_text())
 

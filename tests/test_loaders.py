@@ -2,9 +2,9 @@
 import torch
 
 import coco_dataset
-from utils.demo_data import generate_demo_dataset
-from utils.image_io import ImageReadError
-from utils.loaders import SeededBatches, SeededDataset, build_train_loader, collate_skipping_bad, sample_seed
+from utils.data.demo_data import generate_demo_dataset
+from utils.data.image_io import ImageReadError
+from utils.data.loaders import SeededBatches, SeededDataset, build_train_loader, collate_skipping_bad, sample_seed
 
 
 class ListBatches:

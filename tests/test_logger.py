@@ -2,7 +2,7 @@
 import json
 import logging
 
-from utils.logger import MetricWriter, setup_logging
+from utils.runtime.logger import MetricWriter, setup_logging
 
 
 def test_metric_writer_appends_one_json_line_per_record(tmp_path):

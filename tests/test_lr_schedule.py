@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from utils.lr_schedule import WarmupSchedule
+from utils.training.lr_schedule import WarmupSchedule
 
 
 def test_warmup_then_steps_hand_computed():

@@ -2,7 +2,7 @@ import torch
 from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.ops import box_iou as tv_box_iou
 
-from utils.matcher import BACKGROUND, IGNORE, match_anchors
+from utils.boxes.matcher import BACKGROUND, IGNORE, match_anchors
 
 
 def test_thresholds_and_ignore_band():
@@ -45,7 +45,7 @@ def test_batched_equals_torchvision_matcher_per_image():
     valid = torch.zeros(3, 7, dtype=torch.bool)
     for i, g in enumerate(gts):
         padded[i, :len(g)], valid[i, :len(g)] = g, True
-    from utils.boxes import box_iou
+    from utils.boxes.box_ops import box_iou
     ours = match_anchors(box_iou(padded, anchors[None]), valid)
     for i, g in enumerate(gts):
         theirs = tv(tv_box_iou(g, anchors))

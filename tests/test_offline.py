@@ -17,10 +17,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from model.backbone import ResNetBackbone
 from model.weights import read_weights
 from test_train import REPO, TINY_MODEL
-from utils.checkpoint import CheckpointError
-from utils.demo_data import generate_demo_dataset
-from utils.errors import ConfigError, UserError, exit_on_user_error
-from utils.hub import WeightsUnavailableError, hub_cache_dir, weights_file_name
+from utils.runtime.checkpoint import CheckpointError
+from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.errors import ConfigError, UserError, exit_on_user_error
+from utils.runtime.hub import WeightsUnavailableError, hub_cache_dir, weights_file_name
 
 RESNET18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -98,17 +98,17 @@ def test_error_file_is_what_torchruns_failure_summary_shows(monkeypatch, tmp_pat
 
 
 def test_other_ranks_exit_quietly_after_giving_rank_0_time(monkeypatch, tmp_path):
-    import utils.errors
+    import utils.runtime.errors
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
     monkeypatch.setenv("RANK", "1")
     slept = []
-    monkeypatch.setattr(utils.errors.time, "sleep", slept.append)
+    monkeypatch.setattr(utils.runtime.errors.time, "sleep", slept.append)
     def fails():
         raise UserError("bad")
 
     with pytest.raises(SystemExit) as exit_info:
         exit_on_user_error(fails)
-    assert exit_info.value.code == 1 and slept == [utils.errors.OTHER_RANKS_EXIT_DELAY_S]
+    assert exit_info.value.code == 1 and slept == [utils.runtime.errors.OTHER_RANKS_EXIT_DELAY_S]
     with pytest.raises(ZeroDivisionError):  # a bug of ours keeps its traceback
         exit_on_user_error(lambda: 1 / 0)
 

@@ -8,7 +8,7 @@ from torchvision.ops import sigmoid_focal_loss as tv_focal_loss
 import losses.ohem as ohem_module
 from losses.ohem import anchor_cross_entropy, ohem_cross_entropy, select_hard_examples
 from losses.retinanet_loss import RetinaNetLoss
-from utils.matcher import IGNORE
+from utils.boxes.matcher import IGNORE
 
 
 def box(x, y, size=10.0):

@@ -25,8 +25,8 @@ from deploy.verify import compare_detections
 from forked_scripts import REPO, run_forked
 from model import build_retinanet
 from onnx_models import BLANK, CATEGORIES, IMAGES, TINY, calibrate
-from utils.checkpoint import save_checkpoint
-from utils.errors import UserError
+from utils.runtime.checkpoint import save_checkpoint
+from utils.runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Training curves: utils/training_curves.py, tools/plot_logs.py, and the curves.png train.py writes at the end."""
+"""Training curves: utils/visual/training_curves.py, tools/plot_logs.py, and the curves.png train.py writes at the end."""
 import importlib.util
 import json
 
@@ -7,9 +7,9 @@ from PIL import Image
 
 from forked_scripts import REPO, run_forked
 from test_train import train_command
-from utils.demo_data import generate_demo_dataset
-from utils.errors import UserError
-from utils.training_curves import LogFileError, plot_runs, read_log, summary_lines, unique_labels
+from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.errors import UserError
+from utils.visual.training_curves import LogFileError, plot_runs, read_log, summary_lines, unique_labels
 
 
 def load_tool():

@@ -2,7 +2,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from model.postprocess import postprocess_detections
-from utils.boxes import clip_boxes, decode_boxes
+from utils.boxes.box_ops import clip_boxes, decode_boxes
 
 
 def reference_per_image(cls_logits, box_deltas, anchors, counts, image_size, score_thresh, topk, nms_thresh, cap):

@@ -5,7 +5,7 @@ import pytest
 
 from recipes import RECIPES, TrainConfig, resolve_config
 from train import get_args_parser
-from utils.errors import ConfigError
+from utils.runtime.errors import ConfigError
 
 
 def resolve(*argv):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
 
-from utils.samplers import GroupedBatchSampler, aspect_ratio_group_ids
+from utils.data.samplers import GroupedBatchSampler, aspect_ratio_group_ids
 
 
 def random_group_ids(num_images, seed=0):

@@ -253,7 +253,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
 def test_data_benchmark_runs_end_to_end(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import data_benchmark
-    from utils.demo_data import ensure_demo_dataset
+    from utils.data.demo_data import ensure_demo_dataset
 
     root = ensure_demo_dataset(str(tmp_path / "shapes"), num_train=12, num_val=2, image_size=48,
                                show_progress=False)

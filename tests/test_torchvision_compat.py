@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from model import build_retinanet
 from model.torchvision_compat import COCO_CATEGORIES, COCO_CATEGORY_IDS, convert_torchvision_state_dict
-from utils.checkpoint import CheckpointError, load_state_dict_checked
+from utils.runtime.checkpoint import CheckpointError, load_state_dict_checked
 
 # Small images keep a ResNet-50 forward of the batch around a second on two cores.
 SETTINGS = dict(min_size=96, max_size=160, score_thresh=0.2, nms_thresh=0.5, detections_per_img=40,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.config import LEGACY_EXECUTION_KEYS
-from utils.checkpoint import list_checkpoints, load_checkpoint
-from utils.demo_data import generate_demo_dataset
+from utils.runtime.checkpoint import list_checkpoints, load_checkpoint
+from utils.data.demo_data import generate_demo_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--backbone", "resnet18", "--pretrained-backbone", "none", "--fpn-channels", "32",
@@ -91,7 +91,7 @@ def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
 
 def test_fine_tune_from_checkpoint_with_weights_flag(tiny_data, tmp_path):
     from model import build_retinanet
-    from utils.checkpoint import save_checkpoint
+    from utils.runtime.checkpoint import save_checkpoint
     source = build_retinanet(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, head_norm="gn",
                              num_extra_levels=1, anchor_base_sizes=(16, 32, 64, 128), min_size=64, max_size=64)
     with torch.no_grad():
@@ -122,7 +122,7 @@ class FakeTrainSet:
 def giou_checkpoint(tmp_path_factory):
     """One of our checkpoints whose configuration trains with GIoU (as torchvision's v2 weights do)."""
     from model import build_retinanet
-    from utils.checkpoint import save_checkpoint
+    from utils.runtime.checkpoint import save_checkpoint
     source = build_retinanet(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, box_loss="giou",
                              num_extra_levels=1, anchor_base_sizes=(16, 32, 64, 128), min_size=64, max_size=64)
     path = tmp_path_factory.mktemp("giou") / "giou.pth"
@@ -148,7 +148,7 @@ def test_weights_with_an_explicit_box_loss_train_with_that_loss(giou_checkpoint)
 
 
 def test_weights_with_a_contradicting_architecture_flag_name_it(giou_checkpoint):
-    from utils.errors import ConfigError
+    from utils.runtime.errors import ConfigError
     with pytest.raises(ConfigError, match=r"--num-extra-levels 2 contradicts --weights .*num_extra_levels = 1"):
         build_from_command_line("--data-path", "/unused", "--weights", giou_checkpoint, "--num-extra-levels", "2")
     with pytest.raises(ConfigError, match="exclude each other"):

@@ -10,9 +10,9 @@ import torch
 
 import train
 from recipes import resolve_config
-from utils.checkpoint import load_checkpoint
-from utils.demo_data import generate_demo_dataset
-from utils.errors import ConfigError
+from utils.runtime.checkpoint import load_checkpoint
+from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-split", "train", "--val-split", "val", "--workers", "0", "--batch-size", "4", "--print-freq", "1",

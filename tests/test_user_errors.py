@@ -15,7 +15,7 @@ import pytest
 from forked_scripts import REPO, Run, run_forked
 from model import build_retinanet
 from test_coco_dataset import MALFORMED, base_dataset, write_dataset
-from utils.checkpoint import save_checkpoint
+from utils.runtime.checkpoint import save_checkpoint
 
 
 def _delete_images(root):

@@ -1,4 +1,4 @@
-"""Video in inference.py (utils/video.py): a synthetic clip made here with PyAV, odd-sized, 2 s at 25 fps."""
+"""Video in inference.py (utils/visual/video.py): a synthetic clip made here with PyAV, odd-sized, 2 s at 25 fps."""
 import json
 import logging
 
@@ -10,8 +10,8 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils import video
-from utils.checkpoint import save_checkpoint
+from utils.visual import video
+from utils.runtime.checkpoint import save_checkpoint
 
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 65, 49, 12, 24  # 2 s
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 4, "name": "b"}]

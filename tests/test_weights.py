@@ -16,7 +16,7 @@ from model import build_retinanet
 from model.torchvision_compat import COCO_CATEGORIES, convert_torchvision_state_dict
 from model.weights import (WeightsUnavailableError, load_detector, load_pretrained_for_finetuning,
                            resolve_torchvision_weights)
-from utils.checkpoint import CheckpointError, save_checkpoint
+from utils.runtime.checkpoint import CheckpointError, save_checkpoint
 
 SMALL = dict(backbone="resnet18", fpn_channels=32, head_convs=1, min_size=64, max_size=96)
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES]

@@ -41,10 +41,10 @@ from ablation_grids import GRIDS, cell_flags, cell_label, cell_slug, combine, gr
 from ablation_report import write_report  # noqa: E402
 from model.weights import build_detector, read_weights  # noqa: E402
 from recipes import resolve_config  # noqa: E402
-from utils.atomic_io import write_json_atomic  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.errors import ConfigError, UserError, exit_on_user_error  # noqa: E402
-from utils.logger import setup_logging  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
+from utils.runtime.device import resolve_device  # noqa: E402
+from utils.runtime.errors import ConfigError, UserError, exit_on_user_error  # noqa: E402
+from utils.runtime.logger import setup_logging  # noqa: E402
 
 logger = logging.getLogger("ablate")
 

@@ -8,7 +8,7 @@ data, seed and iteration budget.
 import itertools
 import re
 
-from utils.errors import ConfigError
+from utils.runtime.errors import ConfigError
 
 # Table 1e / Figure 2: shorter sides trained and tested (the longer side keeps COCO's 1333 / 800).
 PAPER_SCALES = (400, 500, 600, 700, 800)

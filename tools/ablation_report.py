@@ -9,8 +9,8 @@ fractions, None where the split has no ground truth for one), ``iterations``,
 import logging
 from pathlib import Path
 
-from utils.atomic_io import atomic_write, write_json_atomic
-from utils.plotting import figure_class
+from utils.runtime.atomic_io import atomic_write, write_json_atomic
+from utils.visual.plotting import figure_class
 
 logger = logging.getLogger("ablate")
 

@@ -32,10 +32,10 @@ from model.anchor_coverage import (FIRST_LEVEL, POOR_COVERAGE, BoxSet, measure_c
 from model.anchors import default_anchor_sizes  # noqa: E402
 from model.weights import configure_from_weights, read_weights  # noqa: E402
 from recipes import resolve_config  # noqa: E402
-from utils.atomic_io import write_json_atomic  # noqa: E402
-from utils.errors import exit_on_user_error  # noqa: E402
-from utils.logger import setup_logging  # noqa: E402
-from utils.visualize import draw_detections, save_image  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
+from utils.runtime.errors import exit_on_user_error  # noqa: E402
+from utils.runtime.logger import setup_logging  # noqa: E402
+from utils.visual.visualize import draw_detections, save_image  # noqa: E402
 
 logger = logging.getLogger("check_dataset")
 _SHOWN = {"recipe", "data_path"}  # train.py options shown in --help besides the model group

@@ -6,7 +6,7 @@
 
 writes ``OUTPUT/annotations/instances_SPLIT.json`` and ``OUTPUT/SPLIT/`` (links to the
 images, or copies with ``--link copy``). The formats are described in
-``utils/dataset_formats/`` (voc.py, yolo.py, csv_rows.py). Every box is checked on the
+``utils/data/formats/`` (voc.py, yolo.py, csv_rows.py). Every box is checked on the
 way: a malformed file stops the conversion with the file and line; an object of an
 unknown class, a box without area or an image that cannot be read is skipped with a
 warning naming its file and line (``--strict`` stops instead), and the result is validated
@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 import coco_dataset  # noqa: E402
-from utils.atomic_io import write_json_atomic  # noqa: E402
-from utils.coco_annotations import parse_coco_detection  # noqa: E402
-from utils.dataset_formats.common import ConversionError, Problems, read_class_list, to_coco  # noqa: E402
-from utils.dataset_formats.csv_rows import read_csv  # noqa: E402
-from utils.dataset_formats.voc import DIFFICULT_CHOICES, read_voc  # noqa: E402
-from utils.dataset_formats.yolo import read_yolo  # noqa: E402
-from utils.errors import exit_on_user_error  # noqa: E402
-from utils.logger import setup_logging  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
+from utils.data.coco_annotations import parse_coco_detection  # noqa: E402
+from utils.data.formats.common import ConversionError, Problems, read_class_list, to_coco  # noqa: E402
+from utils.data.formats.csv_rows import read_csv  # noqa: E402
+from utils.data.formats.voc import DIFFICULT_CHOICES, read_voc  # noqa: E402
+from utils.data.formats.yolo import read_yolo  # noqa: E402
+from utils.runtime.errors import exit_on_user_error  # noqa: E402
+from utils.runtime.logger import setup_logging  # noqa: E402
 
 logger = logging.getLogger("convert_to_coco")
 LINK_CHOICES = ("symlink", "hardlink", "copy")

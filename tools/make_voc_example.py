@@ -4,7 +4,7 @@
 
 gives ``Annotations/*.xml``, ``JPEGImages/*.jpg`` and ``ImageSets/Main/{train,val}.txt``
 as the VOC devkit lays them out (1-based pixel boxes, ``<difficult>0</difficult>``), drawn
-by ``utils/demo_data.py`` (coloured circles, rectangles, triangles and crosses on clutter;
+by ``utils/data/demo_data.py`` (coloured circles, rectangles, triangles and crosses on clutter;
 a few images without objects). ``--video`` also writes the val images as an MP4 clip,
 ``--fps`` images per second, for ``inference.py --input clip.mp4``.
 """
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from utils.demo_data import DEMO_CATEGORIES, render_image  # noqa: E402
+from utils.data.demo_data import DEMO_CATEGORIES, render_image  # noqa: E402
 
 NAMES = {category["id"]: category["name"] for category in DEMO_CATEGORIES}
 

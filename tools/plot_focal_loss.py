@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losses.focal_loss import sigmoid_focal_loss  # noqa: E402
-from utils.atomic_io import write_json_atomic  # noqa: E402
-from utils.errors import ConfigError, exit_on_user_error  # noqa: E402
-from utils.plotting import figure_class  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
+from utils.runtime.errors import ConfigError, exit_on_user_error  # noqa: E402
+from utils.visual.plotting import figure_class  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.logger import setup_logging  # noqa: E402
-from utils.training_curves import log_path, plot_runs, read_log, summary_lines, unique_labels  # noqa: E402
+from utils.runtime.errors import UserError, exit_on_user_error  # noqa: E402
+from utils.runtime.logger import setup_logging  # noqa: E402
+from utils.visual.training_curves import log_path, plot_runs, read_log, summary_lines, unique_labels  # noqa: E402
 
 logger = logging.getLogger("plot_logs")
 

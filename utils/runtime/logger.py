@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from utils.distributed import is_main_process
+from utils.runtime.distributed import is_main_process
 
 
 def setup_logging(output_dir: str = None, file_name: str = "train.log", verbose: bool = True) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.dataset_formats.common import (ConversionError, ImageEntry, Problems, add_object, check_class_names,
+from utils.data.formats.common import (ConversionError, ImageEntry, Problems, add_object, check_class_names,
                                           find_images, image_size, parse_number)
 
 try:  # PyYAML is not a dependency: the names list is simple enough to read without it

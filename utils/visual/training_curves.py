@@ -1,6 +1,6 @@
 """Training curves from ``log.jsonl``: losses, learning rate, images/s and AP, several runs overlaid in one PNG.
 
-``log.jsonl`` (utils.logger.MetricWriter) holds one JSON object per line: ``"type": "train"``
+``log.jsonl`` (utils.runtime.logger.MetricWriter) holds one JSON object per line: ``"type": "train"``
 records every ``--print-freq`` iterations (``iteration``, ``loss``, ``classification``,
 ``bbox_regression``, ``lr``, ``images_per_s``, ...) and ``"type": "eval"`` records after each
 evaluation (``iteration``, ``epoch``, ``AP``, ``AP50``, ...). A resumed run appends to the same
@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.errors import UserError
-from utils.plotting import figure_class
+from utils.runtime.errors import UserError
+from utils.visual.plotting import figure_class
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from utils.errors import DatasetError, DatasetNotFoundError
+from utils.runtime.errors import DatasetError, DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
 

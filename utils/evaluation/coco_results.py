@@ -6,7 +6,7 @@ evaluation server take::
     [{"image_id": 42, "category_id": 18, "bbox": [x, y, width, height], "score": 0.91}, ...]
 
 ``bbox`` in the image's pixels, ``category_id`` the dataset's own ids. Model outputs become
-entries in ``utils.coco_eval.predictions_to_coco_results``; :class:`CocoResultsWriter` collects
+entries in ``utils.evaluation.coco_eval.predictions_to_coco_results``; :class:`CocoResultsWriter` collects
 them for image files (inference.py --coco-results).
 """
 import json
@@ -14,9 +14,9 @@ import math
 import os
 from pathlib import Path
 
-from utils.atomic_io import write_json_atomic
-from utils.coco_eval import predictions_to_coco_results
-from utils.errors import UserError
+from utils.runtime.atomic_io import write_json_atomic
+from utils.evaluation.coco_eval import predictions_to_coco_results
+from utils.runtime.errors import UserError
 
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 
@@ -90,7 +90,7 @@ def image_ids_for_files(paths: list, image_list: dict = None, source: str = "--i
     Args:
         paths: image file paths.
         image_list: ``{file_name: image id}`` of an image-info or annotation file
-            (``utils.coco_annotations.read_image_list``); a path matches an entry whose ``file_name`` is
+            (``utils.data.coco_annotations.read_image_list``); a path matches an entry whose ``file_name`` is
             the path itself, or the path's last components (``val2017/x.jpg`` or ``x.jpg``).
             None: ids 1, 2, ... in the order of ``paths``.
 

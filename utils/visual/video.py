@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.atomic_io import atomic_write
+from utils.runtime.atomic_io import atomic_write
 
 logger = logging.getLogger(__name__)
 

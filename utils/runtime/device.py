@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 AMP_CHOICES = ("none", "auto", "fp16", "bf16")
 

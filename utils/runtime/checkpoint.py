@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from utils.atomic_io import atomic_write
-from utils.errors import UserError
+from utils.runtime.atomic_io import atomic_write
+from utils.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class WeightsFileNotFoundError(UserError, FileNotFoundError):
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` atomically (``utils.atomic_io``): never half a file."""
+    """Write ``state`` to ``path`` atomically (``utils.runtime.atomic_io``): never half a file."""
     atomic_write(path, lambda f: torch.save(state, f))
 
 

@@ -12,7 +12,7 @@ compiled parts run eagerly for it (``torch.compiler.set_stance("force_eager")``)
 costs two forward passes, not a compilation.
 
 Under DDP every rank checks its own first batch, and the ranks decide together from
-the losses averaged over ranks (:func:`utils.distributed.agree`), so every rank enters
+the losses averaged over ranks (:func:`utils.runtime.distributed.agree`), so every rank enters
 the same collectives and reaches the same verdict; rank 0 logs it.
 """
 import contextlib
@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from utils.device import autocast
-from utils.distributed import agree, get_world_size, is_main_process
+from utils.runtime.device import autocast
+from utils.runtime.distributed import agree, get_world_size, is_main_process
 
 logger = logging.getLogger(__name__)
 

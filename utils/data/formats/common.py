@@ -1,7 +1,7 @@
 """What the format readers share: records, problem reporting, image sizes, class lists, COCO output.
 
 Boxes are absolute ``x1, y1, x2, y2`` pixels of the image as displayed (EXIF orientation
-applied, as ``utils.image_io.read_image`` decodes it), the convention of the rest of the
+applied, as ``utils.data.image_io.read_image`` decodes it), the convention of the rest of the
 repository; COCO's ``[x, y, w, h]`` appears only in :func:`to_coco`.
 """
 import logging
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import UserError
-from utils.image_io import is_image_file
+from utils.runtime.errors import UserError
+from utils.data.image_io import is_image_file
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.plotting import MatplotlibMissing, figure_class
+from utils.visual.plotting import MatplotlibMissing, figure_class
 
 logger = logging.getLogger(__name__)
 

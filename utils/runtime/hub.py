@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from utils.checkpoint import CheckpointError
+from utils.runtime.checkpoint import CheckpointError
 
 # Seconds without a byte from the server before a download counts as failed (per socket
 # operation, not for the whole file): long enough for a slow mirror, short enough that

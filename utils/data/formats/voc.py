@@ -15,9 +15,9 @@ from xml.parsers import expat
 
 from tqdm import tqdm
 
-from utils.dataset_formats.common import (ConversionError, ImageEntry, Problems, add_object, check_class_names,
+from utils.data.formats.common import (ConversionError, ImageEntry, Problems, add_object, check_class_names,
                                           image_size, parse_number)
-from utils.image_io import IMAGE_EXTENSIONS
+from utils.data.image_io import IMAGE_EXTENSIONS
 
 DIFFICULT_CHOICES = ("ignore", "keep", "drop")
 

@@ -2,7 +2,7 @@
 
 Clusters preempt jobs with SIGTERM and a grace period; Ctrl-C sends SIGINT.
 The handler only sets a flag: the training loop reads it between steps (all ranks
-agree on it, ``utils.distributed.agree``), so a checkpoint is never written from
+agree on it, ``utils.runtime.distributed.agree``), so a checkpoint is never written from
 inside a half-finished optimizer step and every rank stops at the same step.
 """
 import logging

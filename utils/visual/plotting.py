@@ -3,7 +3,7 @@
 The figures use ``matplotlib.figure.Figure`` + ``savefig`` directly: no pyplot, so no GUI
 backend and no global state, on a head-less machine too.
 """
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 
 class MatplotlibMissing(UserError, ImportError):

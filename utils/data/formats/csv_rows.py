@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.dataset_formats.common import ConversionError, ImageEntry, Problems, add_object, image_size, parse_number
+from utils.data.formats.common import ConversionError, ImageEntry, Problems, add_object, image_size, parse_number
 
 
 def _is_header(row: list) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from utils.atomic_io import write_json_atomic
+from utils.runtime.atomic_io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ in ``models/detection/_utils.py``.
 """
 from torch import Tensor
 
-from utils.boxes import BBOX_XFORM_CLIP, decode_boxes, encode_boxes
+from utils.boxes.box_ops import BBOX_XFORM_CLIP, decode_boxes, encode_boxes
 
 
 class BoxCoder:

@@ -57,7 +57,7 @@ def launched_by_torchrun() -> DistInfo:
 def init_distributed_mode(device: torch.device) -> DistInfo:
     """Join the process group that torchrun describes in the environment (NCCL on CUDA, gloo on CPU).
 
-    ``device`` is this process's device (``utils.device.resolve_device`` with the local rank).
+    ``device`` is this process's device (``utils.runtime.device.resolve_device`` with the local rank).
     """
     global _control_group
     info = launched_by_torchrun()

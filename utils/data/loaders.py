@@ -11,8 +11,8 @@ import random
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from utils.image_io import ImageReadError
-from utils.samplers import GroupedBatchSampler, aspect_ratio_group_ids
+from utils.data.image_io import ImageReadError
+from utils.data.samplers import GroupedBatchSampler, aspect_ratio_group_ids
 
 logger = logging.getLogger(__name__)
 
