@@ -8,7 +8,6 @@ import logging
 import runpy
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils.visual import visualize
+from utils.data.inputs import InferenceError, list_images, make_output_dir, output_names
 from utils.runtime.checkpoint import save_checkpoint
+from utils.visual import visualize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
@@ -165,7 +165,7 @@ def test_refuses_to_overwrite_without_flag(checkpoint, image_dir, tmp_path):
     single = image_dir / "photo.jpg"
     run_main("--checkpoint", checkpoint, "--input", single, "--output-dir", output_dir, "--workers", "0")
     (output_dir / "detections.json").write_text("[]")  # marker: must survive the refused run
-    with pytest.raises(inference.InferenceError, match="--overwrite"):
+    with pytest.raises(InferenceError, match="--overwrite"):
         run_main("--checkpoint", checkpoint, "--input", single, "--output-dir", output_dir, "--workers", "0")
     assert (output_dir / "detections.json").read_text() == "[]"
     run_main("--checkpoint", checkpoint, "--input", single, "--output-dir", output_dir, "--workers", "0",
@@ -174,7 +174,7 @@ def test_refuses_to_overwrite_without_flag(checkpoint, image_dir, tmp_path):
 
 
 def test_never_overwrites_an_input_image(checkpoint, image_dir):
-    with pytest.raises(inference.InferenceError, match="would overwrite input image"):
+    with pytest.raises(InferenceError, match="would overwrite input image"):
         run_main("--checkpoint", checkpoint, "--input", image_dir / "photo.jpg", "--output-dir", image_dir,
                  "--overwrite", "--workers", "0")
 
@@ -186,15 +186,15 @@ def test_default_output_dir_is_a_fresh_run(checkpoint, image_dir, tmp_path, monk
     summary = run_main("--checkpoint", checkpoint, "--input", image_dir / "gray.bmp", "--workers", "0")
     assert Path(summary["output_dir"]) == Path("inference_output/run_3")
     assert (tmp_path / "inference_output" / "run_3" / "detections.json").is_file()
-    assert inference.make_output_dir(None) == Path("inference_output/run_4")
+    assert make_output_dir(None) == Path("inference_output/run_4")
 
 
 def test_unreadable_inputs_raise(checkpoint, tmp_path, caplog):
     (tmp_path / "broken.webp").write_bytes(b"RIFF0000WEBPjunk")
-    with caplog.at_level(logging.WARNING), pytest.raises(inference.InferenceError, match="could be read"):
+    with caplog.at_level(logging.WARNING), pytest.raises(InferenceError, match="could be read"):
         run_main("--checkpoint", checkpoint, "--input", tmp_path, "--output-dir", tmp_path / "out", "--workers", "0")
     assert "broken.webp" in caplog.text
-    with pytest.raises(inference.InferenceError, match="no image files"):
+    with pytest.raises(InferenceError, match="no image files"):
         run_main("--checkpoint", checkpoint, "--input", tmp_path / "nothing*.jpg", "--workers", "0")
 
 
@@ -221,13 +221,13 @@ def test_weights_option_with_a_real_checkpoint(checkpoint, image_dir, tmp_path):
 def test_list_images_and_output_names(image_dir):
     (image_dir / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(image_dir / "sub" / "photo.png")
-    flat, missing = inference.list_images([str(image_dir), str(image_dir / "photo.jpg")])
+    flat, missing = list_images([str(image_dir), str(image_dir / "photo.jpg")])
     assert [Path(p).name for p in flat] == ["alpha.png", "corrupt.jpg", "gray.bmp", "photo.jpg", "rotated.jpg"]
     assert missing == 0
-    deep, _ = inference.list_images([str(image_dir)], recursive=True)
+    deep, _ = list_images([str(image_dir)], recursive=True)
     assert len(deep) == 6
-    assert inference.output_names(deep, "jpg")[-1] == "photo_2.jpg"
-    assert inference.list_images([str(image_dir / "nope.jpg")]) == ([], 1)
+    assert output_names(deep, "jpg")[-1] == "photo_2.jpg"
+    assert list_images([str(image_dir / "nope.jpg")]) == ([], 1)
 
 
 def test_amp_bf16_on_cpu(checkpoint, image_dir, tmp_path):

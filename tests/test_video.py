@@ -10,8 +10,9 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils.visual import video
+from utils.data.inputs import InferenceError
 from utils.runtime.checkpoint import save_checkpoint
+from utils.visual import video
 
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 65, 49, 12, 24  # 2 s
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 4, "name": "b"}]
@@ -122,7 +123,7 @@ def test_videos_and_images_in_one_call_and_an_unreadable_video_skipped(clip, che
     assert [image["file_name"] for image in images] == ["still.png"]
     # Output names are given before reading, as for images: the unreadable clip.mkv took clip.mp4.
     assert (tmp_path / "out" / "clip_2.mp4").is_file() and not (tmp_path / "out" / "clip.mp4").exists()
-    with pytest.raises(inference.InferenceError, match="none of the 1 input videos"):
+    with pytest.raises(InferenceError, match="none of the 1 input videos"):
         run(checkpoint, tmp_path / "only_bad", folder / "clip.mkv")
 
 
