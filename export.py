@@ -19,11 +19,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from deploy.onnx_export import DEFAULT_OPSET, EXPORTER, export_onnx, sidecar_path
 from deploy.ort_detector import OnnxDetector
 from deploy.verify import BOX_TOLERANCE, SCORE_TOLERANCE, verification_images, verify
-from inference import list_images
 from model.weights import load_detector
+from utils.data.image_io import ImageReadError, read_image
+from utils.data.inputs import list_images
 from utils.runtime.cli import HelpFormatter
 from utils.runtime.errors import UserError, exit_on_user_error
-from utils.data.image_io import ImageReadError, read_image
 from utils.runtime.logger import setup_logging
 
 logger = logging.getLogger("export")
