@@ -4,6 +4,7 @@
 ``deploy.onnx_export``  torch -> ``.onnx`` with the category table in its metadata
 ``deploy.ort_detector`` the ``.onnx`` run by ONNX Runtime (numpy only, no torch)
 ``deploy.verify``       ONNX Runtime against PyTorch on the same images
+``deploy.predict``      a detector (eager or ONNX) over image files and videos: drawn copies, JSON records
 
 Imports run one way: ``model`` <- ``deploy`` <- entry scripts (export.py, inference.py).
 """
