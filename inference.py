@@ -33,13 +33,13 @@ from deploy.ort_detector import OnnxDetector
 from deploy.predict import detect_images, detect_videos, finish_images, finish_videos
 from model.weights import load_detector
 from utils.data.coco_annotations import read_image_list
-from utils.data.inputs import (InferenceError, check_outputs, frames_file_name, list_images, make_output_dir,
+from utils.data.inputs import (check_outputs, frames_file_name, list_images, make_output_dir,
                                output_names)
 from utils.evaluation.coco_results import CocoResultsWriter
 from utils.runtime.checkpoint import CheckpointError
 from utils.runtime.cli import HelpFormatter
 from utils.runtime.device import AMP_CHOICES, autocast_dtype, resolve_device
-from utils.runtime.errors import exit_on_user_error
+from utils.runtime.errors import InferenceError, exit_on_user_error
 from utils.runtime.logger import setup_logging
 from utils.visual.video import is_video_file
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils.data.inputs import InferenceError, list_images, make_output_dir, output_names
+from utils.runtime.errors import InferenceError
+from utils.data.inputs import list_images, make_output_dir, output_names
 from utils.runtime.checkpoint import save_checkpoint
 from utils.visual import visualize
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils.data.inputs import InferenceError
+from utils.runtime.errors import InferenceError
 from utils.runtime.checkpoint import save_checkpoint
 from utils.visual import video
 

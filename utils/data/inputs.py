@@ -15,14 +15,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from utils.data.image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image
-from utils.runtime.errors import UserError
+from utils.runtime.errors import InferenceError
 from utils.visual.video import VIDEO_EXTENSIONS, is_video_file
 
 logger = logging.getLogger(__name__)
-
-
-class InferenceError(UserError, RuntimeError):
-    """Inputs or outputs the run cannot work with; the command line prints it as one line."""
 
 
 def list_images(inputs, recursive: bool = False):

@@ -27,6 +27,11 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
     """A missing annotation file or image folder; the message says what does exist."""
 
 
+class InferenceError(UserError, RuntimeError):
+    """Inputs or outputs an inference run cannot work with (nothing readable, an output would be
+    overwritten)."""
+
+
 # Long enough for rank 0 to reach the same error (ranks fail at the same step, give or take a
 # slow file system or DNS look-up), short enough not to matter when only this rank failed.
 OTHER_RANKS_EXIT_DELAY_S = 5.0
