@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import nms
 
-from ops.focal_loss import focal_loss_from_labels
+from ops.fused_focal_loss import focal_loss_from_labels
 
 
 def anchor_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from torch import Tensor
 
 from losses.box_losses import giou_loss, smooth_l1_loss
 from losses.ohem import ohem_cross_entropy
-from ops.focal_loss import focal_loss_from_labels
+from ops.fused_focal_loss import focal_loss_from_labels
 from utils.boxes.box_coder import BoxCoder
 from utils.boxes.box_ops import box_ioa, box_iou
 from utils.runtime.distributed import all_reduce_mean
