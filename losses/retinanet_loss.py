@@ -7,11 +7,23 @@ from losses.ohem import ohem_cross_entropy
 from ops.fused_focal_loss import focal_loss_from_labels
 from utils.boxes.box_coder import BoxCoder
 from utils.boxes.box_ops import box_ioa, box_iou
-from utils.runtime.distributed import all_reduce_mean
 from utils.boxes.matcher import BACKGROUND, IGNORE, match_anchors
+from utils.runtime.distributed import all_reduce_mean
+from utils.runtime.errors import ConfigError
 
+# The loss names, defined here only: model/config.py validates a ModelConfig with check_loss_names.
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
+# The paper's classification losses (Section 5.1, Table 1).
 CLS_LOSSES = ("focal", "ce", "balanced-ce", "ohem")
+
+
+def check_loss_names(box_loss: str, cls_loss: str) -> None:
+    """Raise :class:`utils.runtime.errors.ConfigError` (a ValueError) naming a box or classification
+    loss that is not one of ``BOX_LOSSES`` / ``CLS_LOSSES``."""
+    if box_loss not in BOX_LOSSES:
+        raise ConfigError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+    if cls_loss not in CLS_LOSSES:
+        raise ConfigError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
 
 
 def pad_targets(targets: list, key: str, device) -> tuple:
@@ -62,10 +74,7 @@ class RetinaNetLoss(torch.nn.Module):
                  crowd_ioa_thresh: float = 0.5, cls_loss: str = "focal", ohem_batch: int = 256,
                  ohem_nms_thresh: float = 0.7, ohem_fg_ratio: float = None):
         super().__init__()
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        if cls_loss not in CLS_LOSSES:
-            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+        check_loss_names(box_loss, cls_loss)
         self.num_classes = num_classes
         self.box_coder = box_coder or BoxCoder()
         self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
