@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0,
                        reduction: str = "none") -> Tensor:
     """Focal loss ``-alpha_t (1 - p_t)^gamma log(p_t)`` for independent sigmoid classifiers.
 

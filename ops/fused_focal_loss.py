@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def focal_loss_from_labels(logits: Tensor, labels: Tensor, valid: Tensor, alpha: float = 0.25,
+def focal_loss_from_labels(logits: Tensor, labels: Tensor, valid: Tensor, *, alpha: float = 0.25,
                            gamma: float = 2.0) -> Tensor:
     """Summed focal loss against one-hot class labels, without building the one-hot targets.
 
