@@ -28,8 +28,9 @@ class RetinaNet(nn.Module):
     ``FloatTensor[N_i, 4]`` absolute xyxy in that image's pixels, "labels"
     ``Int64Tensor[N_i]`` in ``[0, num_classes)`` and optionally "crowd_boxes" ``[M_i, 4]``.
 
-    Build it with :func:`model.build_retinanet` (or :meth:`from_config`); choose how it
-    runs with :meth:`optimize_for`.
+    Build it with :meth:`from_config` (``model.build_retinanet(**fields)`` is the same with the
+    config's fields as keywords); load trained weights with :func:`model.weights.load_detector`;
+    choose how it runs with :meth:`optimize_for`.
     """
 
     def __init__(self, backbone: nn.Module, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator,
@@ -49,7 +50,10 @@ class RetinaNet(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, pretrained_backbone=None) -> "RetinaNet":
         """The model ``config`` describes, with ImageNet weights in the trunk if ``pretrained_backbone``
-        (a torchvision tag such as "DEFAULT" or a local ``.pth``) is given; random init otherwise."""
+        (a torchvision tag such as "DEFAULT" or a local ``.pth``) is given; random init otherwise.
+
+        The one way to build a model from a configuration (``model.build_retinanet`` and
+        ``model.weights.load_detector`` call it)."""
         body = ResNetBackbone(config.backbone, pretrained_backbone,
                               trainable_layers=config.trainable_backbone_layers, norm=config.backbone_norm)
         fpn = FPN(body.out_channels, out_channels=config.fpn_channels, num_extra_levels=config.num_extra_levels,
@@ -79,7 +83,7 @@ class RetinaNet(nn.Module):
     @property
     def config(self) -> dict:
         """The configuration as a plain dict (what checkpoints store as ``model_config``):
-        ``build_retinanet(**model.config)`` rebuilds the same architecture."""
+        ``RetinaNet.from_config(ModelConfig(**model.config))`` rebuilds the same architecture."""
         return self.model_config.to_dict() if self.model_config is not None else {}
 
     def forward(self, images: list, targets: list = None):
