@@ -18,7 +18,8 @@ line; boxes reaching outside the image are clipped; boxes that are
 empty after clipping are dropped with one counted warning.
 
 Transforms (``RandomHorizontalFlip``, ``Compose``) live in ``utils/data/transforms.py``
-and are re-exported here; multi-scale resizing is done by the model.
+and are re-exported here; multi-scale resizing is done by the model. Samples are batched
+into lists by ``utils.data.loaders.collate_eval`` (or ``collate_train`` in training).
 """
 import contextlib
 import io
@@ -149,12 +150,6 @@ class CocoDetection(torch.utils.data.Dataset):
         return {"boxes": self._parsed.boxes[rows][~crowd], "labels": labels[~crowd],
                 "image_index": image_index[~crowd], "image_sizes": self._parsed.image_sizes[self._rows],
                 "crowd_labels": labels[crowd]}
-
-
-def collate_fn(batch):
-    """``[(image, target), ...] -> (list of images, list of targets)``; sizes stay as they are."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
 
 
 def build_dataset(data_path, split: str, train: bool = False, hflip_prob: float = 0.5,

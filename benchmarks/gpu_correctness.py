@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmark  # noqa: E402
 import host_sync  # noqa: E402
 from model import build_retinanet  # noqa: E402
-from ops.focal_loss import focal_loss_from_labels  # noqa: E402
+from ops.fused_focal_loss import focal_loss_from_labels  # noqa: E402
 from recipes import TrainConfig  # noqa: E402
 from train import build_optimizer  # noqa: E402
 from utils.runtime.device import autocast  # noqa: E402
@@ -235,7 +235,7 @@ def check_compile(device, sizes: Sizes) -> dict:
 
 
 def check_focal_loss(device, sizes: Sizes) -> dict:
-    """ops/focal_loss.py (chunked, gradient in the forward pass) against torchvision's formula."""
+    """ops/fused_focal_loss.py (chunked, gradient in the forward pass) against torchvision's formula."""
     batch, anchors, num_classes = sizes.focal_shape
     generator = torch.Generator().manual_seed(3)
     logits = (torch.randn(batch, anchors, num_classes, generator=generator) * 3).to(device)

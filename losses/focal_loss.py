@@ -1,10 +1,19 @@
-"""Sigmoid focal loss (Lin et al. 2017, eq. 5), computed from logits."""
+"""Sigmoid focal loss (Lin et al. 2017, eq. 5), computed from logits: the paper's formula, the reference.
+
+This is not the code that trains. RetinaNet's loss runs the fused kernel
+``ops/fused_focal_loss.py`` (:func:`ops.fused_focal_loss.focal_loss_from_labels`: the same
+loss summed against class labels, without one-hot targets, gradient computed in the forward
+pass). ``tests/test_speed_paths.py::test_focal_loss_from_labels_equals_plain_focal_loss``
+checks the kernel equal to this formula in value and gradient, and ``tests/test_focal_loss.py``
+checks this formula against ``torchvision.ops.sigmoid_focal_loss``. The figures and analysis
+tools (``tools/plot_focal_loss.py``, ``tools/loss_distribution.py``) call it directly.
+"""
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0,
                        reduction: str = "none") -> Tensor:
     """Focal loss ``-alpha_t (1 - p_t)^gamma log(p_t)`` for independent sigmoid classifiers.
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import nms
 
-from ops.focal_loss import focal_loss_from_labels
+from ops.fused_focal_loss import focal_loss_from_labels
 
 
 def anchor_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def anchor_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def select_hard_examples(losses: Tensor, boxes: Tensor, foreground: Tensor, valid: Tensor, batch_size: int = 256,
+def select_hard_examples(losses: Tensor, boxes: Tensor, foreground: Tensor, valid: Tensor, *, batch_size: int = 256,
                          nms_thresh: float = 0.7, fg_ratio: float = None) -> Tensor:
     """Choose each image's OHEM minibatch.
 
@@ -109,7 +109,7 @@ def _nms_survivors(boxes: Tensor, scores: Tensor, candidate: Tensor, nms_thresh:
     return keep
 
 
-def ohem_cross_entropy(cls_logits: Tensor, labels: Tensor, valid: Tensor, pred_boxes: Tensor,
+def ohem_cross_entropy(cls_logits: Tensor, labels: Tensor, valid: Tensor, pred_boxes: Tensor, *,
                        batch_size: int = 256, nms_thresh: float = 0.7, fg_ratio: float = None) -> tuple:
     """Summed cross-entropy over each image's OHEM minibatch and its size.
 
@@ -122,7 +122,8 @@ def ohem_cross_entropy(cls_logits: Tensor, labels: Tensor, valid: Tensor, pred_b
     """
     with torch.no_grad():
         scores = anchor_cross_entropy(cls_logits.detach(), labels)
-    selected = select_hard_examples(scores, pred_boxes, labels >= 0, valid, batch_size, nms_thresh, fg_ratio)
+    selected = select_hard_examples(scores, pred_boxes, labels >= 0, valid, batch_size=batch_size,
+                                    nms_thresh=nms_thresh, fg_ratio=fg_ratio)
     # Only the chosen rows enter the loss (and its backward): B x batch_size rows, not B x A.
     rows, chosen_labels = cls_logits[selected], labels[selected]
     loss = focal_loss_from_labels(rows, chosen_labels, torch.ones_like(chosen_labels, dtype=torch.bool),

@@ -4,14 +4,26 @@ from torch import Tensor
 
 from losses.box_losses import giou_loss, smooth_l1_loss
 from losses.ohem import ohem_cross_entropy
-from ops.focal_loss import focal_loss_from_labels
+from ops.fused_focal_loss import focal_loss_from_labels
 from utils.boxes.box_coder import BoxCoder
 from utils.boxes.box_ops import box_ioa, box_iou
-from utils.runtime.distributed import all_reduce_mean
 from utils.boxes.matcher import BACKGROUND, IGNORE, match_anchors
+from utils.runtime.distributed import all_reduce_mean
+from utils.runtime.errors import ConfigError
 
+# The loss names, defined here only: model/config.py validates a ModelConfig with check_loss_names.
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
+# The paper's classification losses (Section 5.1, Table 1).
 CLS_LOSSES = ("focal", "ce", "balanced-ce", "ohem")
+
+
+def check_loss_names(box_loss: str, cls_loss: str) -> None:
+    """Raise :class:`utils.runtime.errors.ConfigError` (a ValueError) naming a box or classification
+    loss that is not one of ``BOX_LOSSES`` / ``CLS_LOSSES``."""
+    if box_loss not in BOX_LOSSES:
+        raise ConfigError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+    if cls_loss not in CLS_LOSSES:
+        raise ConfigError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
 
 
 def pad_targets(targets: list, key: str, device) -> tuple:
@@ -56,16 +68,13 @@ class RetinaNetLoss(torch.nn.Module):
     chunked focal loss is already about as fast).
     """
 
-    def __init__(self, num_classes: int, box_coder: BoxCoder = None, fg_iou_thresh: float = 0.5,
+    def __init__(self, num_classes: int, box_coder: BoxCoder = None, *, fg_iou_thresh: float = 0.5,
                  bg_iou_thresh: float = 0.4, allow_low_quality_matches: bool = True, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
                  crowd_ioa_thresh: float = 0.5, cls_loss: str = "focal", ohem_batch: int = 256,
                  ohem_nms_thresh: float = 0.7, ohem_fg_ratio: float = None):
         super().__init__()
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        if cls_loss not in CLS_LOSSES:
-            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+        check_loss_names(box_loss, cls_loss)
         self.num_classes = num_classes
         self.box_coder = box_coder or BoxCoder()
         self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
@@ -95,8 +104,8 @@ class RetinaNetLoss(torch.nn.Module):
         for i, target in enumerate(targets):
             gt_labels[i, :target["labels"].shape[0]] = target["labels"]
         iou = box_iou(gt_boxes, anchors[None])  # [B, G, A]
-        matched = match_anchors(iou, gt_valid, self.fg_iou_thresh, self.bg_iou_thresh,
-                                self.allow_low_quality_matches)
+        matched = match_anchors(iou, gt_valid, fg_iou_thresh=self.fg_iou_thresh, bg_iou_thresh=self.bg_iou_thresh,
+                                allow_low_quality_matches=self.allow_low_quality_matches)
         if any("crowd_boxes" in t and t["crowd_boxes"].shape[0] for t in targets):
             crowd_boxes, crowd_valid = pad_targets(targets, "crowd_boxes", device)
             in_crowd = ((box_ioa(anchors[None], crowd_boxes) > self.crowd_ioa_thresh)
@@ -116,8 +125,9 @@ class RetinaNetLoss(torch.nn.Module):
         if self.cls_loss == "ohem":
             return self._ohem_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels, num_foreground)
         cls_loss, box_loss = self._dense_losses(cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels,
-                                                self.cls_alpha, self.cls_gamma, self.box_loss,
-                                                self.smooth_l1_beta, self.box_coder)
+                                                focal_alpha=self.cls_alpha, focal_gamma=self.cls_gamma,
+                                                box_loss=self.box_loss, smooth_l1_beta=self.smooth_l1_beta,
+                                                box_coder=self.box_coder)
         return {"classification": cls_loss / num_foreground, "bbox_regression": box_loss / num_foreground}
 
     def _ohem_losses(self, cls_logits, box_deltas, anchors, matched, gt_boxes, gt_labels, num_foreground) -> dict:
@@ -126,15 +136,16 @@ class RetinaNetLoss(torch.nn.Module):
         labels = torch.where(foreground, gt_labels.gather(1, gt_index), -1)  # [B, A]
         pred_boxes = self.box_coder.decode(box_deltas.detach(), anchors[None].expand(box_deltas.shape[0], -1, -1))
         cls_loss, num_selected = ohem_cross_entropy(cls_logits, labels, matched != IGNORE, pred_boxes,
-                                                    self.ohem_batch, self.ohem_nms_thresh, self.ohem_fg_ratio)
-        box_loss = _box_loss_sum(box_deltas, anchors, foreground, gt_index, gt_boxes, self.box_loss,
-                                 self.smooth_l1_beta, self.box_coder)
+                                                    batch_size=self.ohem_batch, nms_thresh=self.ohem_nms_thresh,
+                                                    fg_ratio=self.ohem_fg_ratio)
+        box_loss = _box_loss_sum(box_deltas, anchors, foreground, gt_index, gt_boxes, box_loss=self.box_loss,
+                                 smooth_l1_beta=self.smooth_l1_beta, box_coder=self.box_coder)
         num_selected = all_reduce_mean(num_selected.float()).clamp(min=1.0)
         return {"classification": cls_loss / num_selected, "bbox_regression": box_loss / num_foreground}
 
 
 def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, matched: Tensor, gt_boxes: Tensor,
-                  gt_labels: Tensor, focal_alpha: float, focal_gamma: float, box_loss: str, smooth_l1_beta: float,
+                  gt_labels: Tensor, *, focal_alpha: float, focal_gamma: float, box_loss: str, smooth_l1_beta: float,
                   box_coder: BoxCoder) -> tuple:
     """Summed (classification, box) losses of a matched batch; ``matched`` is ``[B, A]``."""
     foreground = matched >= 0  # [B, A]
@@ -143,12 +154,12 @@ def _dense_losses(cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, match
     # Class of each foreground anchor, -1 for background: the one-hot [B, A, K]
     # targets are never materialised (see focal_loss_from_labels).
     labels = torch.where(foreground, gt_labels.gather(1, gt_index), -1)  # [B, A]
-    cls_loss = focal_loss_from_labels(cls_logits, labels, valid, focal_alpha, focal_gamma)
-    return cls_loss, _box_loss_sum(box_deltas, anchors, foreground, gt_index, gt_boxes, box_loss, smooth_l1_beta,
-                                   box_coder)
+    cls_loss = focal_loss_from_labels(cls_logits, labels, valid, alpha=focal_alpha, gamma=focal_gamma)
+    return cls_loss, _box_loss_sum(box_deltas, anchors, foreground, gt_index, gt_boxes, box_loss=box_loss,
+                                   smooth_l1_beta=smooth_l1_beta, box_coder=box_coder)
 
 
-def _box_loss_sum(box_deltas: Tensor, anchors: Tensor, foreground: Tensor, gt_index: Tensor, gt_boxes: Tensor,
+def _box_loss_sum(box_deltas: Tensor, anchors: Tensor, foreground: Tensor, gt_index: Tensor, gt_boxes: Tensor, *,
                   box_loss: str, smooth_l1_beta: float, box_coder: BoxCoder) -> Tensor:
     """Summed box loss of the foreground anchors: deltas ``[B, A, 4]``, anchors ``[A, 4]``, foreground
     ``[B, A]``, gt_index ``[B, A]`` (the matched box of a foreground anchor), gt_boxes ``[B, G, 4]``."""
@@ -161,5 +172,5 @@ def _box_loss_sum(box_deltas: Tensor, anchors: Tensor, foreground: Tensor, gt_in
         per_anchor = giou_loss(pred_boxes, matched_boxes)
     else:
         box_targets = box_coder.encode(matched_boxes, anchors)
-        per_anchor = smooth_l1_loss(box_deltas, box_targets, smooth_l1_beta).sum(dim=-1)
+        per_anchor = smooth_l1_loss(box_deltas, box_targets, beta=smooth_l1_beta).sum(dim=-1)
     return (per_anchor * foreground).sum()

@@ -21,7 +21,7 @@ Boxes are ``FloatTensor[G, 4]`` absolute ``x1, y1, x2, y2`` in the pixels of the
 image, as ``CocoDetection`` hands them out.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 
@@ -129,6 +129,7 @@ class Coverage:
     best_iou: torch.Tensor
     box_size: torch.Tensor
     labels: torch.Tensor
+    _: KW_ONLY  # the two thresholds by name: swapped, every share would still look plausible
     fg_iou_thresh: float
     bg_iou_thresh: float
 
@@ -163,10 +164,11 @@ def measure_coverage(box_set: BoxSet, config: ModelConfig) -> Coverage:
     ratio = (resized / box_set.image_sizes.double()).flip(-1).repeat(1, 2)                 # [I, 4] (x, y, x, y)
     boxes = (box_set.boxes.double() * ratio[box_set.image_index]).float()
     generator = AnchorGenerator(default_anchor_sizes(config.anchor_base_sizes, config.scales_per_octave),
-                                config.aspect_ratios)
+                                aspect_ratios=config.aspect_ratios)
     best = best_anchor_iou(boxes, padded[box_set.image_index], generator)
     box_size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
-    return Coverage(best, box_size, box_set.labels, config.fg_iou_thresh, config.bg_iou_thresh)
+    return Coverage(best, box_size, box_set.labels, fg_iou_thresh=config.fg_iou_thresh,
+                    bg_iou_thresh=config.bg_iou_thresh)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ class ResNetBackbone(nn.Module):
     from scratch works (convert it to SyncBatchNorm for multi-GPU if wanted).
     """
 
-    def __init__(self, name: str = "resnet50", pretrained=None, trainable_layers: int = 3, norm: str = "auto"):
+    def __init__(self, name: str = "resnet50", pretrained=None, *, trainable_layers: int = 3, norm: str = "auto"):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")

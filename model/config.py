@@ -10,13 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from losses.retinanet_loss import CLS_LOSSES, check_loss_names  # noqa: F401  (CLS_LOSSES: train.py's --cls-loss)
 from model.backbone import BACKBONES
 from model.transform import IMAGENET_MEAN, IMAGENET_STD
 from utils.runtime.errors import ConfigError
-
-BOX_LOSSES = ("smooth_l1", "l1", "giou")
-# The paper's classification losses (Section 5.1, Table 1): see losses/retinanet_loss.py.
-CLS_LOSSES = ("focal", "ce", "balanced-ce", "ohem")
 
 # Fields whose value decides tensor shapes or what the trained weights mean: with
 # weights loaded, a different value given explicitly is a conflict, not an override.
@@ -134,8 +131,7 @@ class ModelConfig:
               "scales_per_octave must be >= 1 and aspect_ratios non-empty")
         check(all(r > 0 for r in self.aspect_ratios), f"aspect_ratios must be positive, got {self.aspect_ratios}")
         check(0 <= self.prior_prob < 1, f"prior_prob must lie in [0, 1), got {self.prior_prob}")
-        check(self.box_loss in BOX_LOSSES, f"box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
-        check(self.cls_loss in CLS_LOSSES, f"cls_loss must be one of {CLS_LOSSES}, got {self.cls_loss!r}")
+        check_loss_names(self.box_loss, self.cls_loss)
         check(self.focal_gamma >= 0, f"focal_gamma must be >= 0, got {self.focal_gamma}")
         check(self.focal_alpha < 1, f"focal_alpha must be < 1 (negative = no alpha weighting), got {self.focal_alpha}")
         check(self.smooth_l1_beta >= 0, f"smooth_l1_beta must be >= 0, got {self.smooth_l1_beta}")

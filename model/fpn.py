@@ -16,7 +16,7 @@ class FPN(nn.Module):
             or "p5" (torchvision v1 and detectron2: P6 from the smoothed P5).
     """
 
-    def __init__(self, in_channels_list, out_channels: int = 256, num_extra_levels: int = 2,
+    def __init__(self, in_channels_list, *, out_channels: int = 256, num_extra_levels: int = 2,
                  p6_from: str = "c5"):
         super().__init__()
         if p6_from not in ("c5", "p5"):

@@ -35,7 +35,7 @@ class RetinaNetHead(nn.Module):
             the first iterations with a huge loss (paper section 4.1, "Initialization").
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
+    def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
                  norm: str = None, prior_prob: float = 0.01):
         super().__init__()
         if norm not in (None, "gn"):

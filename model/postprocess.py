@@ -43,7 +43,7 @@ def select_candidates(cls_logits, num_anchors_per_level: list, topk_candidates: 
 
 
 def postprocess_detections(cls_logits, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: list,
-                           image_sizes: list, score_thresh: float = 0.05, topk_candidates: int = 1000,
+                           image_sizes: list, *, score_thresh: float = 0.05, topk_candidates: int = 1000,
                            nms_thresh: float = 0.5, detections_per_img: int = 100,
                            box_coder: BoxCoder = None) -> list:
     """Turn head outputs into detections in the (resized) input frame.

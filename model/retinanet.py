@@ -28,12 +28,13 @@ class RetinaNet(nn.Module):
     ``FloatTensor[N_i, 4]`` absolute xyxy in that image's pixels, "labels"
     ``Int64Tensor[N_i]`` in ``[0, num_classes)`` and optionally "crowd_boxes" ``[M_i, 4]``.
 
-    Build it with :func:`model.build_retinanet` (or :meth:`from_config`); choose how it
-    runs with :meth:`optimize_for`.
+    Build it with :meth:`from_config` (``model.build_retinanet(**fields)`` is the same with the
+    config's fields as keywords); load trained weights with :func:`model.weights.load_detector`;
+    choose how it runs with :meth:`optimize_for`.
     """
 
     def __init__(self, backbone: nn.Module, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator,
-                 transform: ImageBatcher, box_coder: BoxCoder, loss: RetinaNetLoss, num_classes: int,
+                 transform: ImageBatcher, box_coder: BoxCoder, loss: RetinaNetLoss, *, num_classes: int,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
                  topk_candidates: int = 1000):
         super().__init__()
@@ -49,31 +50,40 @@ class RetinaNet(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, pretrained_backbone=None) -> "RetinaNet":
         """The model ``config`` describes, with ImageNet weights in the trunk if ``pretrained_backbone``
-        (a torchvision tag such as "DEFAULT" or a local ``.pth``) is given; random init otherwise."""
-        body = ResNetBackbone(config.backbone, pretrained_backbone, config.trainable_backbone_layers,
-                              norm=config.backbone_norm)
-        fpn = FPN(body.out_channels, config.fpn_channels, config.num_extra_levels, config.p6_from)
+        (a torchvision tag such as "DEFAULT" or a local ``.pth``) is given; random init otherwise.
+
+        The one way to build a model from a configuration (``model.build_retinanet`` and
+        ``model.weights.load_detector`` call it)."""
+        body = ResNetBackbone(config.backbone, pretrained_backbone,
+                              trainable_layers=config.trainable_backbone_layers, norm=config.backbone_norm)
+        fpn = FPN(body.out_channels, out_channels=config.fpn_channels, num_extra_levels=config.num_extra_levels,
+                  p6_from=config.p6_from)
         anchor_generator = AnchorGenerator(default_anchor_sizes(config.anchor_base_sizes, config.scales_per_octave),
-                                           config.aspect_ratios)
-        head = RetinaNetHead(config.fpn_channels, anchor_generator.num_anchors_per_location, config.num_classes,
-                             config.head_convs, config.head_norm, config.prior_prob)
-        transform = ImageBatcher(config.min_size, config.max_size, config.image_mean, config.image_std,
-                                 config.size_divisible, config.fixed_size)
+                                           aspect_ratios=config.aspect_ratios)
+        head = RetinaNetHead(in_channels=config.fpn_channels,
+                             num_anchors=anchor_generator.num_anchors_per_location, num_classes=config.num_classes,
+                             num_convs=config.head_convs, norm=config.head_norm, prior_prob=config.prior_prob)
+        transform = ImageBatcher(min_size=config.min_size, max_size=config.max_size, image_mean=config.image_mean,
+                                 image_std=config.image_std, size_divisible=config.size_divisible,
+                                 fixed_size=config.fixed_size)
         box_coder = BoxCoder(config.bbox_reg_weights)
-        loss = RetinaNetLoss(config.num_classes, box_coder, config.fg_iou_thresh, config.bg_iou_thresh,
-                             config.allow_low_quality_matches, config.focal_alpha, config.focal_gamma,
-                             config.box_loss, config.smooth_l1_beta, cls_loss=config.cls_loss,
+        loss = RetinaNetLoss(config.num_classes, box_coder, fg_iou_thresh=config.fg_iou_thresh,
+                             bg_iou_thresh=config.bg_iou_thresh,
+                             allow_low_quality_matches=config.allow_low_quality_matches,
+                             focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma,
+                             box_loss=config.box_loss, smooth_l1_beta=config.smooth_l1_beta, cls_loss=config.cls_loss,
                              ohem_batch=config.ohem_batch, ohem_nms_thresh=config.ohem_nms_thresh,
                              ohem_fg_ratio=config.ohem_fg_ratio)
-        model = cls(body, fpn, head, anchor_generator, transform, box_coder, loss, config.num_classes,
-                    config.score_thresh, config.nms_thresh, config.detections_per_img, config.topk_candidates)
+        model = cls(body, fpn, head, anchor_generator, transform, box_coder, loss, num_classes=config.num_classes,
+                    score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+                    detections_per_img=config.detections_per_img, topk_candidates=config.topk_candidates)
         model.model_config = config.replace(backbone_norm=body.norm)  # "auto" resolved
         return model
 
     @property
     def config(self) -> dict:
         """The configuration as a plain dict (what checkpoints store as ``model_config``):
-        ``build_retinanet(**model.config)`` rebuilds the same architecture."""
+        ``RetinaNet.from_config(ModelConfig(**model.config))`` rebuilds the same architecture."""
         return self.model_config.to_dict() if self.model_config is not None else {}
 
     def forward(self, images: list, targets: list = None):
@@ -102,8 +112,9 @@ class RetinaNet(nn.Module):
         cls_logits, box_deltas = self.head.per_level(features)  # per level: no [B, A, K] concatenation
         detections = postprocess_detections(
             cls_logits, torch.cat(box_deltas, dim=1), anchors,
-            self.anchor_generator.num_anchors_per_level(feature_sizes), image_sizes, self.score_thresh,
-            self.topk_candidates, self.nms_thresh, self.detections_per_img, self.box_coder)
+            self.anchor_generator.num_anchors_per_level(feature_sizes), image_sizes,
+            score_thresh=self.score_thresh, topk_candidates=self.topk_candidates, nms_thresh=self.nms_thresh,
+            detections_per_img=self.detections_per_img, box_coder=self.box_coder)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
     def optimize_for(self, device=None, *, channels_last: bool = False, fold_batchnorm: bool = True,

@@ -64,7 +64,7 @@ def is_torchvision_retinanet_state_dict(state: dict) -> bool:
 
 def convert_torchvision_state_dict(tv_state: dict, coco_contiguous: bool = True, *,
                                    backbone_bn_eps: float = BACKBONE_BN_EPS, source: str = "state dict"):
-    """torchvision RetinaNet ``state_dict`` -> ``(state_dict, model_config)`` for :func:`model.build_retinanet`.
+    """torchvision RetinaNet ``state_dict`` -> ``(state_dict, model_config)`` for :class:`model.config.ModelConfig`.
 
     Args:
         tv_state: from ``retinanet_resnet50_fpn`` (v1: P6 from P5, no head norm, L1 box
@@ -79,7 +79,7 @@ def convert_torchvision_state_dict(tv_state: dict, coco_contiguous: bool = True,
         source: how to name the weights in error messages (a file name).
 
     Returns:
-        our state dict, and a dict of ``build_retinanet`` kwargs reproducing torchvision's
+        our state dict, and a dict of ``ModelConfig`` fields reproducing torchvision's
         model: frozen BN, its anchors, 32-pixel padding (so level strides, hence anchor
         positions, are computed from the same padded size), 800/1333 resizing and its
         post-processing defaults.
@@ -141,7 +141,7 @@ def _rename(key: str, head_norm) -> str:
 
 
 def _infer_config(state: dict, head_norm, source: str) -> dict:
-    """build_retinanet kwargs from tensor shapes; every required key is checked here."""
+    """``ModelConfig`` fields from tensor shapes; every required key is checked here."""
     required = ["backbone.body.conv1.weight", "backbone.body.layer1.0.conv2.weight", "fpn.lateral_convs.0.weight",
                 "fpn.extra_convs.0.weight", "head.cls_logits.weight", "head.bbox_pred.weight"]
     missing = [key for key in required if key not in state]

@@ -24,7 +24,7 @@ class ImageBatcher(nn.Module):
             ratio (for small fixed-size datasets and ``torch.compile``); None keeps it.
     """
 
-    def __init__(self, min_size=800, max_size: int = 1333, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+    def __init__(self, *, min_size=800, max_size: int = 1333, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
                  size_divisible: int = 128, fixed_size=None):
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)

@@ -1,7 +1,12 @@
 """Load detector weights from any source: our checkpoints, torchvision RetinaNet files, torchvision weight names.
 
-This is the one model loader of the repository: training (``--weights``), evaluation,
-inference and export all go through :func:`load_detector` / :func:`read_weights`.
+This is the one model loader of the repository: :func:`load_detector` turns a weights spec into
+a model in eval mode and its category list. A caller that needs what the file holds before it
+builds the model (the training options of a checkpoint, its categories, its configuration)
+reads it once with :func:`read_weights` and passes that :class:`WeightsSource` to
+:func:`load_detector`. Training (``--weights``, with :func:`load_pretrained_for_finetuning`),
+evaluation, inference, export and the tools all go through these. To build a new model from a
+configuration instead, see :meth:`model.retinanet.RetinaNet.from_config`.
 
 A weights spec is one of
   * a checkpoint of this repository (``{"model", "model_config", "categories", ...}``), also
@@ -82,12 +87,12 @@ def _comparable(value):
     return None if value == "none" else value
 
 
-def load_detector(spec: str, map_location="cpu", what: str = "weights file", **overrides):
+def load_detector(spec, map_location="cpu", what: str = "weights file", **overrides):
     """Build the model a weights spec describes and load its weights.
 
     Args:
-        spec: see the module docstring.
-        what: how messages name the file ("weights file", "checkpoint").
+        spec: see the module docstring; or the :class:`WeightsSource` :func:`read_weights` returned.
+        what: how messages name the file ("weights file", "checkpoint") when it is read here.
         overrides: :class:`model.config.ModelConfig` fields replacing the weights' own
             (``score_thresh``, ``min_size``, ``detections_per_img``, ``box_loss``, ...). Each one
             given is applied, whatever its value; one that changes the architecture (or the
@@ -97,16 +102,18 @@ def load_detector(spec: str, map_location="cpu", what: str = "weights file", **o
         ``(model, categories)``: the model in eval mode on ``map_location`` (carrying
         ``model.categories``), and label k -> ``categories[k]`` = ``{"id", "name"}``.
     """
-    return build_detector(read_weights(spec, map_location, what), map_location, **overrides)
-
-
-def build_detector(source: WeightsSource, map_location="cpu", **overrides):
-    """:func:`load_detector` for weights already read (:func:`read_weights`)."""
+    source = spec if isinstance(spec, WeightsSource) else read_weights(spec, map_location, what)
     config = configure_from_weights(source.config, overrides, source.name, ARCHITECTURE_FIELDS + ("num_classes",))
     model = RetinaNet.from_config(config)
     load_state_dict_checked(model, _fill_bn_counters(source.state_dict, model), source.name)
     model.categories = source.categories
     return model.to(map_location).eval(), source.categories
+
+
+def build_detector(source: WeightsSource, map_location="cpu", **overrides):
+    """The former name of ``load_detector(source)``, kept until evaluation.py and tools/ (ablate,
+    loss_distribution) call :func:`load_detector`; new code calls that."""
+    return load_detector(source, map_location, **overrides)
 
 
 def read_weights(spec: str, map_location="cpu", what: str = "weights file") -> WeightsSource:

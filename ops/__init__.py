@@ -5,8 +5,9 @@ Each gives the plain computation's answer up to float rounding and is tested aga
 - ``winograd.py``: Winograd F(2x2, 3x3) for wide 3x3 convs on CPU (``tests/test_winograd.py``);
 - ``batchnorm_folding.py`` + ``fast_trunk.py``: BatchNorm with fixed statistics folded into the
   convs, CPU-friendly memory layouts for the trunk (``tests/test_speed_paths.py``);
-- ``focal_loss.py``: the focal loss summed from labels, gradient computed in the forward pass
-  (``tests/test_speed_paths.py``).
+- ``fused_focal_loss.py``: the focal loss summed from labels, gradient computed in the forward
+  pass; the one RetinaNet trains with, checked equal to the paper's formula in
+  ``losses/focal_loss.py`` (``tests/test_speed_paths.py``).
 
 Nothing here imports ``model/`` or ``losses/``; ``RetinaNet.optimize_for`` decides at run
 time which of these a model uses, and none of it is saved in a checkpoint.

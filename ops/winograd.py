@@ -12,7 +12,7 @@ themselves are additions and subtractions only.
 PyTorch's eager CPU convs run oneDNN's direct algorithm (its fp32 Winograd kernels
 need AVX-512 and are not selected), and a RetinaNet head of 3x3 convs over P3 is most
 of a training step: this makes it cheaper. The size thresholds below were measured
-on a 2-core AVX2 CPU; on other CPUs compare with ``build_retinanet(winograd=False)``.
+on a 2-core AVX2 CPU; on other CPUs compare with ``model.optimize_for("cpu", winograd=False)``.
 Transforms use exact coefficients (0, +-1, +-1/2), so results match ``F.conv2d`` to
 float rounding (tested against it in float64 and float32).
 """

@@ -50,7 +50,7 @@ def test_feature_grid_matches_the_model_feature_maps():
 @pytest.mark.parametrize("min_size,max_size,fixed", [(800, 1333, None), (128, 128, None), (600, 1000, (300, 200))])
 def test_training_image_sizes_match_the_model_resize(min_size, max_size, fixed):
     config = ModelConfig(min_size=min_size, max_size=max_size, fixed_size=fixed)
-    batcher = ImageBatcher(min_size, max_size, fixed_size=fixed).train()
+    batcher = ImageBatcher(min_size=min_size, max_size=max_size, fixed_size=fixed).train()
     sizes = [(480, 640), (333, 517), (160, 160), (1000, 90)]
     expected = [list(batcher([torch.zeros(3, h, w)])[1][0]) for h, w in sizes]
     assert training_image_sizes(torch.tensor(sizes, dtype=torch.float64), config).long().tolist() == expected

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from coco_dataset import (CocoDetection, Compose, RandomHorizontalFlip, build_dataset, collate_fn,
-                          parse_coco_detection)
+from coco_dataset import CocoDetection, Compose, RandomHorizontalFlip, build_dataset, parse_coco_detection
 from utils.data.image_io import ImageReadError
+from utils.data.loaders import collate_eval
 
 
 def base_dataset():
@@ -238,7 +238,7 @@ def test_build_dataset_and_collate(coco_root):
     # evaluation never filters
     assert build_dataset(root, "train", train=False, hflip_prob=0.0, filter_empty=True).ids == [2, 5, 9]
 
-    images, targets = collate_fn([train[0], train[1]])
+    images, targets = collate_eval([train[0], train[1]])
     assert isinstance(images, list) and isinstance(targets, list)
     assert [tuple(i.shape) for i in images] == [(3, 50, 20), (3, 30, 40)]
     assert [t["image_id"] for t in targets] == [2, 5]

@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import coco_dataset
+from utils.data.loaders import collate_eval
 from utils.runtime.atomic_io import write_json_atomic
 from utils.evaluation.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
 
@@ -161,7 +162,7 @@ def test_model_that_predicts_nothing_gives_ap_0(tmp_path):
     root = tmp_path / "coco"
     write_coco_split(root, "val", IMAGES, GT_BOXES, CATEGORIES, image_files=True)
     dataset = coco_dataset.build_dataset(str(root), "val")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=coco_dataset.collate_fn)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_eval)
     model = PredictsNothing().train()
     out_dir = tmp_path / "out"
     metrics = evaluate(model, loader, dataset.coco, dataset.cat_ids, "cpu", output_dir=out_dir, show_progress=False)

@@ -117,7 +117,7 @@ def test_traced_resize_size_is_pythons_float64_size(tmp_path):
     torch.onnx.export(_ResizedSize(), (torch.zeros(3, 61, 80, dtype=torch.uint8),), str(path), dynamo=False,
                       input_names=["image"], dynamic_axes={"image": {1: "h", 2: "w"}}, opset_version=DEFAULT_OPSET)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    batcher = ImageBatcher(800, 1333).eval()
+    batcher = ImageBatcher(min_size=800, max_size=1333).eval()
     rng = np.random.default_rng(0)
     sizes = [(97, 120), (120, 97), (480, 640), (1000, 100)] + [tuple(s) for s in rng.integers(20, 2000, (200, 2))]
     mismatches = []

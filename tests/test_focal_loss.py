@@ -13,7 +13,7 @@ def test_matches_torchvision_values_and_gradients(alpha, gamma, reduction):
     targets = (torch.rand(64, 7) > 0.8).double()
     ours_in = logits.clone().requires_grad_()
     ref_in = logits.clone().requires_grad_()
-    ours = sigmoid_focal_loss(ours_in, targets, alpha, gamma, reduction).double()
+    ours = sigmoid_focal_loss(ours_in, targets, alpha=alpha, gamma=gamma, reduction=reduction).double()
     ref = tv_focal_loss(ref_in, targets, alpha, gamma, reduction)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
     weights = torch.rand_like(ours)

@@ -4,7 +4,7 @@ import torch
 import coco_dataset
 from utils.data.demo_data import generate_demo_dataset
 from utils.data.image_io import ImageReadError
-from utils.data.loaders import SeededBatches, SeededDataset, build_train_loader, collate_skipping_bad, sample_seed
+from utils.data.loaders import SeededBatches, SeededDataset, build_train_loader, collate_train, sample_seed
 
 
 class ListBatches:
@@ -52,7 +52,7 @@ def test_seeded_dataset_reproduces_augmentation_and_turns_bad_images_into_values
     dataset = SeededDataset(RandomItems())
     first, second = dataset[(1, 99)], dataset[(1, 99)]
     assert torch.equal(first[0], second[0]) and not torch.equal(first[0], dataset[(1, 100)][0])
-    images, targets, bad = collate_skipping_bad([dataset[(0, 1)], dataset[(3, 2)]])
+    images, targets, bad = collate_train([dataset[(0, 1)], dataset[(3, 2)]])
     assert len(images) == 1 and targets == [{"index": 0}] and bad == ["cannot read image 'x.jpg': truncated"]
 
 

@@ -109,15 +109,15 @@ def test_model_learns_a_batch():
 def test_fpn_levels_and_p6_source():
     c3, c4, c5 = torch.rand(1, 8, 32, 32), torch.rand(1, 16, 16, 16), torch.rand(1, 32, 8, 8)
     for p6_from, in_ch in [("c5", 32), ("p5", 24)]:
-        fpn = FPN([8, 16, 32], 24, 2, p6_from)
+        fpn = FPN([8, 16, 32], out_channels=24, num_extra_levels=2, p6_from=p6_from)
         assert fpn.extra_convs[0].in_channels == in_ch
         shapes = [tuple(p.shape[-2:]) for p in fpn([c3, c4, c5])]
         assert shapes == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
-    assert len(FPN([8, 16, 32], 24, 0)([c3, c4, c5])) == 3
+    assert len(FPN([8, 16, 32], out_channels=24, num_extra_levels=0)([c3, c4, c5])) == 3
 
 
 def test_head_initialisation_and_output_layout():
-    head = RetinaNetHead(32, 9, 5, num_convs=2, norm="gn", prior_prob=0.01)
+    head = RetinaNetHead(in_channels=32, num_anchors=9, num_classes=5, num_convs=2, norm="gn", prior_prob=0.01)
     torch.testing.assert_close(head.cls_logits.bias, torch.full((45,), -math.log(99)))
     assert head.cls_tower[0].bias is None  # GroupNorm follows
     cls, box = head([torch.rand(2, 32, 4, 6), torch.rand(2, 32, 2, 3)])

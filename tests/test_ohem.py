@@ -81,7 +81,8 @@ def test_top_m_search_equals_nms_over_every_anchor(batch_size, nms_thresh, fg_ra
     losses = torch.rand(num_images, num_anchors)
     foreground = torch.rand(num_images, num_anchors) < 0.05
     valid = torch.rand(num_images, num_anchors) > 0.1
-    ours = select_hard_examples(losses, boxes, foreground, valid, batch_size, nms_thresh, fg_ratio)
+    ours = select_hard_examples(losses, boxes, foreground, valid, batch_size=batch_size, nms_thresh=nms_thresh,
+                                fg_ratio=fg_ratio)
     expected = reference_selection(losses, boxes, foreground, valid, batch_size, nms_thresh, fg_ratio)
     assert torch.equal(ours, expected)
     assert (ours & ~valid).sum() == 0 and (ours.sum(1) <= batch_size).all()

@@ -10,19 +10,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import FrozenBatchNorm2d
 
-import ops.focal_loss as focal_loss_module
+import ops.fused_focal_loss as fused_focal_loss_module
 from losses.focal_loss import sigmoid_focal_loss
 from losses.retinanet_loss import RetinaNetLoss
 from model import build_retinanet
 from model.postprocess import postprocess_detections
-from ops.focal_loss import focal_loss_from_labels
+from ops.fused_focal_loss import focal_loss_from_labels
 
 SMALL = dict(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, min_size=64, max_size=64)
 
 
 def plain_focal_sum(logits, labels, valid, alpha, gamma):
     targets = F.one_hot(labels.clamp(min=0), logits.shape[-1]).to(logits.dtype) * (labels >= 0)[..., None]
-    return (sigmoid_focal_loss(logits, targets, alpha, gamma) * valid[..., None]).sum()
+    return (sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma) * valid[..., None]).sum()
 
 
 def random_focal_inputs(shape=(2, 300), num_classes=7, dtype=torch.float32):
@@ -38,10 +38,10 @@ def random_focal_inputs(shape=(2, 300), num_classes=7, dtype=torch.float32):
 @pytest.mark.parametrize("chunk_elements", [None, 64])
 def test_focal_loss_from_labels_equals_plain_focal_loss(alpha, gamma, chunk_elements, monkeypatch):
     if chunk_elements:  # several CPU chunks and a ragged last one
-        monkeypatch.setattr(focal_loss_module, "_CPU_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(fused_focal_loss_module, "_CPU_CHUNK_ELEMENTS", chunk_elements)
     logits, labels, valid = random_focal_inputs()
     fast_in, plain_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    fast = focal_loss_from_labels(fast_in, labels, valid, alpha, gamma)
+    fast = focal_loss_from_labels(fast_in, labels, valid, alpha=alpha, gamma=gamma)
     plain = plain_focal_sum(plain_in, labels, valid, alpha, gamma)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=0)
     (fast * 3).backward()

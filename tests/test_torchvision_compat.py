@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 from torchvision.ops import FrozenBatchNorm2d
 
-from model import build_retinanet
+from model import build_retinanet, load_detector
 from model.torchvision_compat import COCO_CATEGORIES, COCO_CATEGORY_IDS, convert_torchvision_state_dict
 from utils.runtime.checkpoint import CheckpointError, load_state_dict_checked
 
@@ -221,8 +221,8 @@ def test_an_option_given_explicitly_overrides_the_weights_even_at_our_default(mo
     tv_capped = BUILDERS[tv_model.version](weights=None, weights_backbone=None, num_classes=91,
                                            **{**settings, "detections_per_img": 100})
     tv_capped.load_state_dict(tv_model.state_dict())
-    ours = build_retinanet(weights=str(path), **{**settings, "detections_per_img": 100})
-    uncapped = build_retinanet(weights=str(path), **{k: v for k, v in settings.items() if k != "detections_per_img"})
+    ours, _ = load_detector(str(path), **{**settings, "detections_per_img": 100})
+    uncapped, _ = load_detector(str(path), **{k: v for k, v in settings.items() if k != "detections_per_img"})
     assert ours.detections_per_img == 100 and uncapped.detections_per_img == 300  # torchvision's own default
     with torch.no_grad():
         expected, got, more = tv_capped.eval()(BATCH), ours(BATCH), uncapped(BATCH)

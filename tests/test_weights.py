@@ -54,9 +54,9 @@ def test_torchvision_file_loads_as_a_coco_detector(torchvision_file):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
 
-def test_build_retinanet_with_weights_takes_the_configuration_from_them(torchvision_file):
+def test_load_detector_takes_the_configuration_from_the_weights(torchvision_file):
     path, _ = torchvision_file
-    model = build_retinanet(weights=path, score_thresh=0.4, size_divisible=64)
+    model, _ = load_detector(path, score_thresh=0.4, size_divisible=64)
     assert model.categories == COCO_CATEGORIES and model.config["p6_from"] == "p5"
     assert model.detections_per_img == 300  # torchvision's default, not ours: not overridden
     assert model.score_thresh == 0.4 and model.transform.size_divisible == 64  # overridden

@@ -4,6 +4,12 @@ Training batches come from a DistributedSampler (also with one process: it gives
 a seeded, per-epoch shuffle) grouped by aspect ratio. Every sample carries its
 own augmentation seed derived from (seed, epoch, index), so a resumed run -- even
 mid-epoch, with any number of workers -- sees exactly the same augmented images.
+
+Images differ in size (the model batches them), so a batch is a list of images and a list
+of targets. There are two collate functions, one per need: :func:`collate_train` also returns
+the messages of the unreadable images it skipped, which the training loop counts against its
+budget; :func:`collate_eval` logs and drops them, for evaluation and any plain ``DataLoader``
+over ``coco_dataset.CocoDetection``.
 """
 import logging
 import random
@@ -65,8 +71,9 @@ class SeededDataset(Dataset):
             return ("bad_image", str(exc))
 
 
-def collate_skipping_bad(batch):
-    """``(images, targets, bad)``: images / targets as lists, ``bad`` the messages of skipped samples."""
+def collate_train(batch):
+    """``[(image, target), ...]`` -> ``(images, targets, bad)``: images and targets as lists, ``bad``
+    the messages of the samples :class:`SeededDataset` could not read (left out of both lists)."""
     images, targets, bad = [], [], []
     for sample in batch:
         if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[0], str):
@@ -78,8 +85,8 @@ def collate_skipping_bad(batch):
 
 
 def collate_eval(batch):
-    """``(images, targets)`` for evaluation; unreadable images are reported and left out."""
-    images, targets, bad = collate_skipping_bad(batch)
+    """``[(image, target), ...]`` -> ``(images, targets)`` as lists; unreadable images are logged and left out."""
+    images, targets, bad = collate_train(batch)
     for message in bad:
         logger.warning("skipped unreadable image during evaluation: %s", message)
     return images, targets
@@ -95,7 +102,7 @@ def build_train_loader(dataset, batch_size_per_process: int, workers: int, seed:
     else:
         batch_sampler = _EpochBatchSampler(sampler, batch_size_per_process)
     return DataLoader(SeededDataset(dataset), batch_sampler=SeededBatches(batch_sampler, seed),
-                      num_workers=workers, collate_fn=collate_skipping_bad, pin_memory=pin_memory,
+                      num_workers=workers, collate_fn=collate_train, pin_memory=pin_memory,
                       persistent_workers=workers > 0)
 
 

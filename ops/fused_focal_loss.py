@@ -1,15 +1,20 @@
-"""Summed focal loss against class labels, without one-hot targets: the fast path of RetinaNet's loss.
+"""The fused focal loss: the kernel RetinaNet trains with (summed against class labels, no one-hot targets).
 
-Equal to ``losses.focal_loss.sigmoid_focal_loss`` against one-hot targets, summed
-over the valid rows, in value and gradient (``tests/test_speed_paths.py``); the
-reference formula stays in ``losses/focal_loss.py``.
+``losses/retinanet_loss.py`` (focal, CE and alpha-balanced CE) and ``losses/ohem.py`` call
+:func:`focal_loss_from_labels`; nothing in training calls the paper's formula itself.
+That formula, written as the paper gives it, is ``losses/focal_loss.py``
+(:func:`losses.focal_loss.sigmoid_focal_loss`, itself checked against
+``torchvision.ops.sigmoid_focal_loss`` in ``tests/test_focal_loss.py``). The two are checked
+equal, value and gradient, against one-hot targets summed over the valid rows, by
+``tests/test_speed_paths.py::test_focal_loss_from_labels_equals_plain_focal_loss`` (CPU,
+chunked and not); on a GPU, ``benchmarks/gpu_correctness.py`` checks it against torchvision's.
 """
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def focal_loss_from_labels(logits: Tensor, labels: Tensor, valid: Tensor, alpha: float = 0.25,
+def focal_loss_from_labels(logits: Tensor, labels: Tensor, valid: Tensor, *, alpha: float = 0.25,
                            gamma: float = 2.0) -> Tensor:
     """Summed focal loss against one-hot class labels, without building the one-hot targets.
 
