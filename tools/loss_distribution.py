@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import coco_dataset  # noqa: E402
 from losses.focal_loss import sigmoid_focal_loss  # noqa: E402
-from model.weights import build_detector, read_weights  # noqa: E402
+from model.weights import load_detector, read_weights  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.device import resolve_device  # noqa: E402
 from utils.runtime.errors import ConfigError, UserError, exit_on_user_error  # noqa: E402
@@ -129,7 +129,7 @@ def main(args) -> Path:
     figure_class("tools/loss_distribution.py")  # fail before any work if matplotlib is missing
     spec = args.checkpoint or args.weights
     source = read_weights(spec, what="checkpoint" if args.checkpoint else "weights file")
-    model, categories = build_detector(source)
+    model, categories = load_detector(source)
     saved = source.train_args or {}
     data_path = args.data_path or saved.get("data_path")
     split = args.split or saved.get("val_split") or "val2017"

@@ -3,8 +3,8 @@
     python tools/plot_focal_loss.py                                 # output/figures/figure1_focal_loss.png
     python tools/plot_focal_loss.py --gammas 0 0.5 1 2 5 --output fig1.png
 
-The curves are computed by ``losses/focal_loss.py`` (the loss the detector trains with, no
-second copy of the formula): for a positive example the model's probability p_t of the
+The curves are computed by ``losses/focal_loss.py`` (the paper's formula, which the fused
+kernel the detector trains with, ``ops/fused_focal_loss.py``, is tested equal to): for a positive example the model's probability p_t of the
 ground-truth class is sigmoid(x), so the loss at p_t is ``sigmoid_focal_loss(logit(p_t), 1)``
 without alpha weighting, as in the figure. gamma = 0 is the cross-entropy. Beside the PNG, a
 JSON file holds the plotted numbers.
