@@ -17,8 +17,6 @@ COCO test-dev's ``image_info_test-dev2017.json``: images and categories, no anno
 ``evaluate(...)`` is the loop train.py calls after an epoch.
 """
 import argparse
-import contextlib
-import io
 import logging
 import os
 import time
@@ -33,7 +31,7 @@ import coco_dataset
 from model.weights import build_detector, read_weights
 from utils.runtime import distributed
 from utils.runtime.atomic_io import write_json_atomic
-from utils.data.coco_annotations import load_coco_json, parse_coco_detection
+from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
 from utils.evaluation.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
 from utils.evaluation.coco_results import read_results_file
 from utils.runtime.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
@@ -179,11 +177,7 @@ def _load_ground_truth(ann_file: Path) -> COCO:
     logger.info("loading ground truth %s", ann_file)
     dataset = load_coco_json(ann_file)
     parse_coco_detection(dataset, source=str(ann_file))  # a malformed file: one line naming the entry
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "creating index..." prints
-        coco.createIndex()
-    return coco
+    return build_coco_index(dataset)
 
 
 def score_results_file(args) -> dict:
