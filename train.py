@@ -11,8 +11,7 @@ import time
 import torch
 
 import coco_dataset
-from engine import TrainState, train_one_epoch
-from evaluation import evaluate
+from engine import TrainState, evaluate, train_one_epoch
 from model import BACKBONES, RetinaNet
 from model.anchor_coverage import coverage_summary
 from model.config import CLS_LOSSES
