@@ -47,7 +47,7 @@ ALLOWED_SITES = {
     # loader's targets are host tensors, so these reads cost nothing on a GPU.
     "host_side_target_checks": ("model/retinanet.py", ("_check_targets",), "", ""),
     # Adam's step counters live on the host unless the optimizer is fused or capturable
-    # (train.py makes it fused on CUDA, where the counters move to the GPU and are not read).
+    # (utils/training/optim.py makes it fused on CUDA, where the counters move to the GPU and are not read).
     "optimizer_host_counters": ("engine.py", ("_optimizer_step",), "step(optimizer)", "torch/optim/"),
 }
 

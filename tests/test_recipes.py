@@ -3,8 +3,7 @@ import dataclasses
 
 import pytest
 
-from recipes import RECIPES, TrainConfig, resolve_config
-from train import get_args_parser
+from recipes import RECIPES, TrainConfig, get_args_parser, resolve_config
 from utils.runtime.errors import ConfigError
 
 

@@ -134,8 +134,8 @@ def giou_checkpoint(tmp_path_factory):
 
 def build_from_command_line(*argv):
     import train
-    from recipes import resolve_config
-    return train.build_model(resolve_config(train.get_args_parser().parse_args(list(argv))), FakeTrainSet())
+    from recipes import get_args_parser, resolve_config
+    return train.build_model(resolve_config(get_args_parser().parse_args(list(argv))), FakeTrainSet())
 
 
 def test_weights_with_an_explicit_box_loss_train_with_that_loss(giou_checkpoint):
