@@ -256,7 +256,8 @@ def test_no_file_imports_an_entry_script_or_a_tool():
      ["benchmarks/b.py imports the tool tools/a.py"]),
     ({"tools/a.py": "from c import g\n", "tools/c.py": "if __name__ == '__main__':\n    pass\n"},
      ["tools/a.py imports the tool tools/c.py"]),
-    ({"tools/helper.py": "", "train.py": "from tools.helper import f\n"}, ["train.py imports the tool tools/helper.py"]),
+    ({"tools/helper.py": "", "train.py": "from tools.helper import f\n"},
+     ["train.py imports the tool tools/helper.py"]),
     # Allowed: a tool's own helper module beside it, the library, a test.
     ({"tools/a.py": "from helper import f\nif __name__ == '__main__':\n    pass\n", "tools/helper.py": "",
       "engine.py": "", "train.py": "from engine import f\n", "tests/test_x.py": "import train\n"}, []),
