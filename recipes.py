@@ -66,6 +66,7 @@ class TrainConfig:
     hflip_prob: float = 0.5
     workers: int = 0
     max_bad_images: Optional[float] = None
+    demo_scale: float = 1.0  # < 1: the built-in demo shrunk (demo_dataset), e.g. for a quick check that all runs
     # model
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: Optional[str] = None
@@ -110,6 +111,12 @@ class TrainConfig:
         """Training on the built-in demo dataset (generated on first use)."""
         return self.recipe == "demo" and "data_path" not in self.given
 
+    def demo_dataset(self) -> dict:
+        """How to generate the built-in demo dataset (``utils.data.demo_data``): ``DEMO_DATASET``
+        with ``demo_scale`` times its images, so that the epochs are that much shorter too."""
+        return {**DEMO_DATASET, **{key: max(1, round(DEMO_DATASET[key] * self.demo_scale))
+                                   for key in ("num_train", "num_val")}}
+
     def bad_image_limit(self, num_images: int) -> int:
         """How many unreadable training images may be skipped before the run stops.
 
@@ -153,6 +160,8 @@ def resolve_config(args) -> TrainConfig:
         raise ConfigError(f"--recipe {recipe_name}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[recipe_name]
     values = {**{k: v for k, v in recipe.items() if v is not None}, **given, "recipe": recipe_name}
+    if "demo_scale" in given:
+        values.update(_shrunk_demo(recipe_name, given))
     if values.get("data_path") is None:
         raise ConfigError("--recipe coco needs --data-path (a COCO-format root with annotations/ and images)")
 
@@ -189,6 +198,22 @@ def resolve_config(args) -> TrainConfig:
 
 
 _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"model", "given", "weights_overrides"}
+
+
+def _shrunk_demo(recipe_name: str, given: dict) -> dict:
+    """``--demo-scale``: the demo's data and output folders named for the scale (a shrunk run never
+    overwrites the full demo's), and its warm-up shrunk with the iterations; what was given stays."""
+    scale = given["demo_scale"]
+    if recipe_name != "demo" or "data_path" in given:
+        raise ConfigError("--demo-scale shrinks the built-in demo dataset: it takes neither --data-path nor "
+                          "--recipe coco")
+    if not 0 < scale <= 1:
+        raise ConfigError(f"--demo-scale {scale}: must be in (0, 1]")
+    if scale == 1:
+        return {}
+    shrunk = {"data_path": f"data/demo-{scale:g}", "output_dir": f"output/demo-{scale:g}",
+              "warmup_iters": round(RECIPES["demo"]["warmup_iters"] * scale)}
+    return {key: value for key, value in shrunk.items() if key not in given}
 
 
 def _check_ranges(values: dict) -> None:
@@ -240,6 +265,10 @@ def _add_data_options(group) -> None:
                        "--data-path); demo: from scratch, CPU-friendly (default without)")
     group.add_argument("--data-path", help="COCO-format ROOT (annotations/instances_SPLIT.json + SPLIT/ images); "
                        "omit to generate and train on the built-in demo dataset")
+    group.add_argument("--demo-scale", type=float, metavar="F", help="the built-in demo at F times its size "
+                       "(0 < F <= 1): F x its images, so F x the iterations, and F x its warm-up, in data/demo-F "
+                       "and output/demo-F; e.g. 0.01 (30 + 3 images, 16 iterations) to check quickly that all "
+                       "runs (default: 1)")
     group.add_argument("--train-split", help=option_help("train_split", "training split name"))
     group.add_argument("--val-split", help=option_help("val_split", "validation split name"))
     group.add_argument("--filter-empty", action="store_true", default=None, help="drop training images without boxes")

@@ -18,7 +18,7 @@ from engine import TrainState, evaluate, train_one_epoch
 from model import RetinaNet
 from model.anchor_coverage import coverage_summary
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
-from recipes import DEMO_DATASET, get_args_parser, resolve_config
+from recipes import get_args_parser, resolve_config
 from utils.data.demo_data import ensure_demo_dataset
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.runtime import distributed as dist_utils
@@ -104,7 +104,7 @@ def main(config):
 def generate_demo_data(config) -> None:
     """The built-in demo dataset, written by rank 0 on first use (the other ranks wait for it)."""
     if dist_utils.is_main_process():
-        ensure_demo_dataset(config.data_path, **DEMO_DATASET)
+        ensure_demo_dataset(config.data_path, **config.demo_dataset())
     dist_utils.barrier()
 
 
