@@ -21,16 +21,13 @@ Transforms (``RandomHorizontalFlip``, ``Compose``) live in ``utils/data/transfor
 and are re-exported here; multi-scale resizing is done by the model. Samples are batched
 into lists by ``utils.data.loaders.collate_eval`` (or ``collate_train`` in training).
 """
-import contextlib
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 
-from utils.data.coco_annotations import load_coco_json, parse_coco_detection, splits_hint
+from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection, splits_hint
 from utils.runtime.errors import DatasetError, DatasetNotFoundError
 from utils.data.image_io import ImageReadError, read_image
 from utils.data.transforms import Compose, RandomHorizontalFlip  # noqa: F401  (part of this module's API)
@@ -73,10 +70,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if image_info and "annotations" not in dataset:
             dataset = {**dataset, "annotations": []}  # an image list without ground truth: every image is empty
         parsed = parse_coco_detection(dataset, source=str(self.ann_file))
-        self.coco = COCO()
-        self.coco.dataset = dataset  # reuse the parsed json instead of reading the file twice
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco.createIndex()
+        self.coco = build_coco_index(dataset)
 
         self.transforms = transforms
         self._parsed = parsed

@@ -14,33 +14,27 @@ fractions, ``null`` where the split has no ground truth for a figure, plus
 writes ``results.json`` alone, for a split without ground truth (an image-info file such as
 COCO test-dev's ``image_info_test-dev2017.json``: images and categories, no annotations).
 
-``evaluate(...)`` is the loop train.py calls after an epoch.
+The evaluation loop itself is ``engine.evaluate``, which train.py also calls after an epoch.
 """
 import argparse
-import contextlib
-import io
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import coco_dataset
+from engine import evaluate, predict_coco_results, report_coco_metrics
 from model.weights import build_detector, read_weights
 from utils.runtime import distributed
 from utils.runtime.atomic_io import write_json_atomic
-from utils.data.coco_annotations import load_coco_json, parse_coco_detection
-from utils.evaluation.coco_eval import format_metrics_table, per_category_metrics, predictions_to_coco_results, score_coco_results
+from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
 from utils.evaluation.coco_results import read_results_file
-from utils.runtime.device import AMP_CHOICES, autocast, autocast_dtype, resolve_device
+from utils.runtime.device import AMP_CHOICES, resolve_device
 from utils.runtime.errors import UserError, exit_on_user_error
 from utils.data.loaders import build_eval_loader
 from utils.runtime.logger import setup_logging
-from utils.evaluation.pr_plot import plot_pr_curves
 
 logger = logging.getLogger("evaluation")
 
@@ -73,117 +67,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _num_images(data_loader: DataLoader):
-    """Images this process will see, for the progress bar; None if the sampler has no length."""
-    sampler = getattr(getattr(data_loader, "batch_sampler", None), "sampler", getattr(data_loader, "sampler", None))
-    try:
-        return len(sampler)
-    except TypeError:
-        return None
-
-
-@torch.no_grad()
-def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_dir=None, amp="none",
-             show_progress: bool = True, plot: bool = False) -> dict:
-    """Run ``model`` over ``data_loader`` and score the detections with COCOeval (bbox).
-
-    Args:
-        model: eval mode maps a list of images (uint8 or float ``[3, H, W]``) to
-            ``[{"boxes": FloatTensor[N, 4] x1y1x2y2, "scores": FloatTensor[N], "labels": Int64Tensor[N]}]``,
-            boxes in the pixel coordinates of ``coco_gt``'s images. Its train/eval mode is restored on return.
-        data_loader: yields ``(list of images, list of targets)`` with ``target["image_id"]``;
-            under DDP give it a ``DistributedSampler(shuffle=False)``: repeats are counted once.
-        coco_gt: ground truth. Only the images the loader yields are scored, so a subset loader
-            does not count the rest of the split as misses.
-        label_to_cat_id: label k -> dataset category id (sequence or mapping).
-        output_dir: if set, rank 0 writes ``results.json``, ``metrics.json`` (and PNGs with ``plot``).
-        amp: ``--amp``: "none", "auto" (fp16 on CUDA, bf16 on CPU), "fp16" or "bf16" (``utils.runtime.device``).
-
-    Returns:
-        the 12 COCO figures (fraction or None, see ``utils.evaluation.coco_eval``) plus ``"per_category"``.
-        Every rank returns the same dict: rank 0 scores and broadcasts it, so all ranks can
-        take the same decision (best checkpoint, early stop) without another collective.
-    """
-    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp, show_progress)
-    metrics = None
-    if distributed.is_main_process():
-        if output_dir is not None:
-            write_json_atomic(Path(output_dir) / "results.json", results)
-        metrics = report(coco_gt, results, output_dir, plot=plot, image_ids=image_ids)
-    return distributed.broadcast_object(metrics)
-
-
-@torch.no_grad()
-def predict_coco_results(model, data_loader, label_to_cat_id, device, amp="none", show_progress: bool = True):
-    """Run ``model`` over ``data_loader`` (see :func:`evaluate`), gathered over DDP ranks.
-
-    Returns ``(results, image_ids)`` on every rank: the COCO results list
-    (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``, by image id) and the
-    ids of every image seen, also those without detections.
-    """
-    device = torch.device(device)
-    dtype = autocast_dtype(amp, device)
-    was_training = model.training
-    model.eval()
-    results_by_image = {}  # image_id -> COCO results; an image without detections still counts as evaluated
-    progress = tqdm(total=_num_images(data_loader), unit="img", desc="eval",
-                    disable=not (show_progress and distributed.is_main_process()))
-    start = time.perf_counter()
-    for images, targets in data_loader:
-        images = [image.to(device, non_blocking=True) for image in images]
-        with autocast(device, dtype):
-            outputs = model(images)
-        if len(outputs) != len(images):
-            raise ValueError(f"model returned {len(outputs)} predictions for {len(images)} images")
-        for output, target in zip(outputs, targets):
-            # To CPU and to plain Python at once: GPU tensors kept for a whole split would fill the GPU.
-            output = {key: output[key].detach().cpu() for key in ("boxes", "scores", "labels")}
-            image_id = int(target["image_id"])
-            results_by_image[image_id] = predictions_to_coco_results([output], [image_id], label_to_cat_id)
-        progress.update(len(images))
-    progress.close()
-    model.train(was_training)
-
-    # DistributedSampler pads the last ranks with repeats of the first images; keying by
-    # image id counts each image once.
-    merged = {}
-    for part in distributed.all_gather_object(results_by_image):
-        for image_id, results in part.items():
-            merged.setdefault(image_id, results)
-    if distributed.is_main_process():
-        elapsed = time.perf_counter() - start
-        logger.info("evaluated %d images in %.1f s (%.1f img/s)", len(merged), elapsed, len(merged) / max(elapsed, 1e-9))
-    return [result for image_id in sorted(merged) for result in merged[image_id]], list(merged)
-
-
-def report(coco_gt: COCO, results: list, output_dir=None, plot: bool = False, image_ids=None) -> dict:
-    """Score ``results``, log the tables, write ``metrics.json`` (and PNGs) into ``output_dir`` if set."""
-    category_names = {cat["id"]: cat["name"] for cat in coco_gt.loadCats(coco_gt.getCatIds())}
-    metrics, coco_eval = score_coco_results(coco_gt, results, category_names, image_ids=image_ids)
-    if not results:
-        logger.warning("no detections at all: every figure with ground truth is 0")
-    logger.info("COCO bbox evaluation (%d detections)\n%s", len(results),
-                format_metrics_table(metrics, per_category_metrics(coco_eval, category_names)))
-    if output_dir is not None:
-        write_json_atomic(Path(output_dir) / "metrics.json", metrics)
-        logger.info("wrote %s", Path(output_dir) / "metrics.json")
-        if plot:
-            for path in plot_pr_curves(coco_eval, output_dir, category_names):
-                logger.info("wrote %s", path)
-    return metrics
-
-
 def _load_ground_truth(ann_file: Path) -> COCO:
     if not ann_file.is_file():
         raise UserError(f"ground truth {ann_file} not found; pass --data-path/--split or --ann-file")
     logger.info("loading ground truth %s", ann_file)
     dataset = load_coco_json(ann_file)
     parse_coco_detection(dataset, source=str(ann_file))  # a malformed file: one line naming the entry
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "creating index..." prints
-        coco.createIndex()
-    return coco
+    return build_coco_index(dataset)
 
 
 def score_results_file(args) -> dict:
@@ -196,7 +86,7 @@ def score_results_file(args) -> dict:
     coco_gt = _load_ground_truth(ann_file)
     results = read_results_file(args.results, coco_gt.getImgIds(), coco_gt.getCatIds(), str(ann_file))
     output_dir = args.output_dir or Path(args.results).parent
-    return report(coco_gt, results, output_dir, plot=args.plot)
+    return report_coco_metrics(coco_gt, results, output_dir, plot=args.plot)
 
 
 def evaluate_checkpoint(args, device: torch.device) -> dict:

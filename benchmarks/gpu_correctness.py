@@ -26,8 +26,8 @@ import host_sync  # noqa: E402
 from model import build_retinanet  # noqa: E402
 from ops.fused_focal_loss import focal_loss_from_labels  # noqa: E402
 from recipes import TrainConfig  # noqa: E402
-from train import build_optimizer  # noqa: E402
 from utils.runtime.device import autocast  # noqa: E402
+from utils.training.optim import build_optimizer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 def check_host_sync(device, batches: list, work_dir: str) -> dict:
     """Host reads / synchronisations of real ``engine.train_one_epoch`` steps (benchmarks/host_sync.py),
-    in fp32 and with AMP, with train.py's optimizer (fused on CUDA)."""
+    in fp32 and with AMP, with training's optimizer (utils/training/optim.py, fused on CUDA)."""
     device = torch.device(device)
     results, passed = {}, True
     amp = torch.float16 if device.type == "cuda" else torch.bfloat16

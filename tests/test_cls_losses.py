@@ -6,12 +6,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAncho
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import sigmoid_focal_loss as tv_focal_loss
 
-import train
 from losses.retinanet_loss import RetinaNetLoss
 from model import RetinaNet, build_retinanet
 from model.anchors import default_anchor_sizes
 from model.config import ModelConfig
-from recipes import resolve_config
+from recipes import get_args_parser, resolve_config
 from utils.runtime.errors import ConfigError
 from utils.boxes.matcher import IGNORE
 
@@ -91,7 +90,7 @@ def test_each_classification_loss_trains_a_few_steps_with_finite_losses(options)
 
 
 def test_flags_reach_the_model_config_and_the_loss():
-    args = train.get_args_parser().parse_args(
+    args = get_args_parser().parse_args(
         ["--cls-loss", "ohem", "--focal-gamma", "1.5", "--focal-alpha", "-1", "--prior-prob", "0",
          "--fg-iou-thresh", "0.6", "--bg-iou-thresh", "0.3", "--smooth-l1-beta", "0.2", "--ohem-batch", "128",
          "--ohem-nms-thresh", "0.5", "--ohem-fg-ratio", "0.25", "--backbone", "resnet18"])
@@ -111,7 +110,7 @@ def test_flags_reach_the_model_config_and_the_loss():
 @pytest.mark.parametrize("scales,ratios", [(1, [1.0]), (2, [1.0]), (4, [0.5, 1.0, 2.0]),
                                            (2, [0.25, 0.5, 1.0, 2.0, 4.0])])
 def test_anchor_flags_give_scales_times_ratios_anchors_equal_to_torchvision(scales, ratios):
-    args = train.get_args_parser().parse_args(
+    args = get_args_parser().parse_args(
         ["--scales-per-octave", str(scales), "--aspect-ratios", *map(str, ratios), "--backbone", "resnet18",
          "--num-extra-levels", "1", "--anchor-base-sizes", "16", "32", "64", "128", "--fpn-channels", "32",
          "--head-convs", "1"])

@@ -1,4 +1,4 @@
-"""evaluation.py and utils/evaluation/coco_eval.py on tiny hand-made COCO splits (CPU, seconds).
+"""engine.evaluate, evaluation.py and utils/evaluation/coco_eval.py on tiny hand-made COCO splits (CPU, seconds).
 
 The reference is pycocotools' COCOeval driven directly (``loadRes`` + ``evaluate``),
 plus hand-computed APs for cases small enough to follow COCO's 101-point interpolation.
@@ -157,7 +157,7 @@ class PredictsNothing(torch.nn.Module):
 
 
 def test_model_that_predicts_nothing_gives_ap_0(tmp_path):
-    from evaluation import evaluate
+    from engine import evaluate
 
     root = tmp_path / "coco"
     write_coco_split(root, "val", IMAGES, GT_BOXES, CATEGORIES, image_files=True)
@@ -187,7 +187,7 @@ class Oracle(torch.nn.Module):
 
 
 def test_evaluate_counts_images_repeated_across_ranks_once(coco_root, tmp_path, monkeypatch):
-    import evaluation
+    import engine
 
     def image(image_id):
         pixels = torch.zeros(3, 150, 200, dtype=torch.uint8)
@@ -197,10 +197,10 @@ def test_evaluate_counts_images_repeated_across_ranks_once(coco_root, tmp_path, 
     # Rank 0 saw images 1-2; "rank 1" saw image 3 plus image 1 again, as DistributedSampler's padding does.
     batches = [([image(1), image(2)], [{"image_id": 1}, {"image_id": 2}])]
     other_rank = {3: [], 1: predictions_to_coco_results(Oracle()([image(1)]), [1], [3, 7, 12])}
-    monkeypatch.setattr(evaluation.distributed, "all_gather_object", lambda obj: [obj, other_rank])
+    monkeypatch.setattr(engine.distributed, "all_gather_object", lambda obj: [obj, other_rank])
     coco_gt = COCO(str(coco_root / "annotations" / "instances_val.json"))
-    metrics = evaluation.evaluate(Oracle(), batches, coco_gt, [3, 7, 12], "cpu", output_dir=tmp_path,
-                                  show_progress=False)
+    metrics = engine.evaluate(Oracle(), batches, coco_gt, [3, 7, 12], "cpu", output_dir=tmp_path,
+                              show_progress=False)
     assert metrics["AP"] == pytest.approx(1.0)
     assert len(json.loads((tmp_path / "results.json").read_text())) == len(GT_BOXES)
 

@@ -200,3 +200,71 @@ def test_the_graph_sees_cycles_through_package_inits_and_function_level_imports(
         (tmp_path / name).write_text(text)
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     assert (find_cycle(import_graph()) is not None) == expected_cycle
+
+
+ENTRY_SCRIPTS = ("train", "evaluation", "inference", "export")
+
+
+def _is_program(path: Path) -> bool:
+    """A file with a top-level ``if __name__ == "__main__":`` block: something one runs, not imports."""
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) \
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__" \
+                and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators):
+            return True
+    return False
+
+
+def script_imports() -> list:
+    """``"FILE imports WHAT"`` for each import of an entry script or a tool anywhere outside tests/.
+
+    A tool is a program of ``tools/``; the modules beside it that are no program (ablate.py's
+    ``ablation_grids``, ``ablation_report``) are its own parts, which only ``tools/`` may import.
+    Function-level imports count, and ``tools.X`` counts as ``X``.
+    """
+    tools = {path.stem: path for path in sorted((REPO / "tools").glob("*.py"))}
+    found = set()
+    for path in repo_python_files():
+        relative = path.relative_to(REPO)
+        in_tools = relative.parts[0] == "tools"
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[0] in ENTRY_SCRIPTS and (REPO / f"{parts[0]}.py").is_file() and path != REPO / f"{parts[0]}.py":
+                found.add(f"{relative.as_posix()} imports the entry script {parts[0]}.py")
+            tool = parts[1] if parts[0] == "tools" and len(parts) > 1 else parts[0]
+            if tool in tools and tools[tool] != path and (not in_tools or _is_program(tools[tool])):
+                found.add(f"{relative.as_posix()} imports the tool tools/{tool}.py")
+    return sorted(found)
+
+
+def test_no_file_imports_an_entry_script_or_a_tool():
+    """What two scripts share lives in the library: the training loop and evaluation in engine.py,
+    the training options in recipes.py; a script that imports another runs its imports and couples
+    their command lines."""
+    found = script_imports()
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("source,expected", [
+    ({"train.py": "", "tools/a.py": "import train\nif __name__ == '__main__':\n    pass\n"},
+     ["tools/a.py imports the entry script train.py"]),
+    ({"inference.py": "", "export.py": "def main():\n    from inference import list_images\n"},
+     ["export.py imports the entry script inference.py"]),
+    ({"evaluation.py": "", "utils/__init__.py": "", "utils/x.py": "from evaluation import evaluate\n"},
+     ["utils/x.py imports the entry script evaluation.py"]),
+    ({"tools/a.py": "if __name__ == '__main__':\n    pass\n", "benchmarks/b.py": "import a\n"},
+     ["benchmarks/b.py imports the tool tools/a.py"]),
+    ({"tools/a.py": "from c import g\n", "tools/c.py": "if __name__ == '__main__':\n    pass\n"},
+     ["tools/a.py imports the tool tools/c.py"]),
+    ({"tools/helper.py": "", "train.py": "from tools.helper import f\n"},
+     ["train.py imports the tool tools/helper.py"]),
+    # Allowed: a tool's own helper module beside it, the library, a test.
+    ({"tools/a.py": "from helper import f\nif __name__ == '__main__':\n    pass\n", "tools/helper.py": "",
+      "engine.py": "", "train.py": "from engine import f\n", "tests/test_x.py": "import train\n"}, []),
+])
+def test_the_script_check_sees_entry_scripts_and_tools_imported(source, expected, tmp_path, monkeypatch):
+    for name, text in source.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert script_imports() == expected

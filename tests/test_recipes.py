@@ -1,10 +1,10 @@
 """Recipe and option resolution: command line -> one frozen TrainConfig (recipes.py)."""
 import dataclasses
+import os
 
 import pytest
 
-from recipes import RECIPES, TrainConfig, resolve_config
-from train import get_args_parser
+from recipes import DEMO_DATASET, RECIPES, TrainConfig, get_args_parser, resolve_config
 from utils.runtime.errors import ConfigError
 
 
@@ -90,3 +90,30 @@ def test_bad_options_are_config_errors(argv, message):
                                                        (3, 10, 3), (0, 100, 0)])
 def test_bad_image_budget_allows_a_few_images_on_small_datasets(setting, num_images, limit):
     assert TrainConfig(max_bad_images=setting).bad_image_limit(num_images) == limit
+
+
+def test_demo_scale_shrinks_the_demo_data_iterations_and_warmup_into_folders_of_their_own():
+    full = resolve()
+    assert full.demo_scale == 1 and full.demo_dataset() == DEMO_DATASET == dict(num_train=3000, num_val=300,
+                                                                                  image_size=160, seed=0)
+    assert full.output_dir == os.path.abspath("output/demo") and full.warmup_iters == 200
+    assert resolve("--demo-scale", "1") == dataclasses.replace(full, demo_scale=1.0, given=frozenset({"demo_scale"}))
+    small = resolve("--demo-scale", "0.01")
+    assert small.demo_data and small.data_path == "data/demo-0.01" and small.output_dir == os.path.abspath(
+        "output/demo-0.01")
+    assert small.demo_dataset() == {**DEMO_DATASET, "num_train": 30, "num_val": 3} and small.warmup_iters == 2
+    assert dataclasses.replace(small, data_path=full.data_path, output_dir=full.output_dir, warmup_iters=200,
+                               demo_scale=1.0, given=frozenset()) == full  # nothing else changes
+    given = resolve("--demo-scale", "0.01", "--output-dir", "o", "--warmup-iters", "5")
+    assert given.output_dir == os.path.abspath("o") and given.warmup_iters == 5
+    assert resolve("--demo-scale", "0.0001").demo_dataset()["num_val"] == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--demo-scale", "0"], "must be in"), (["--demo-scale", "1.5"], "must be in"),
+    (["--demo-scale", "0.1", "--data-path", "/d"], "neither --data-path"),
+    (["--demo-scale", "0.1", "--recipe", "coco"], "neither --data-path"),
+])
+def test_demo_scale_applies_to_the_built_in_demo_only(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(*argv)

@@ -134,8 +134,8 @@ def giou_checkpoint(tmp_path_factory):
 
 def build_from_command_line(*argv):
     import train
-    from recipes import resolve_config
-    return train.build_model(resolve_config(train.get_args_parser().parse_args(list(argv))), FakeTrainSet())
+    from recipes import get_args_parser, resolve_config
+    return train.build_model(resolve_config(get_args_parser().parse_args(list(argv))), FakeTrainSet())
 
 
 def test_weights_with_an_explicit_box_loss_train_with_that_loss(giou_checkpoint):
@@ -174,3 +174,28 @@ def test_evaluation_script_on_a_trained_checkpoint_reproduces_the_training_evalu
                     sorted(detections, key=lambda r: (r["image_id"], -r["score"]))):
         assert a["category_id"] == b["category_id"] and abs(a["score"] - b["score"]) < 1e-3
     assert set(during_training) >= {"AP", "AP50", "per_category"}
+
+
+@pytest.mark.slow
+def test_the_readme_demo_command_runs_end_to_end_at_toy_size(tmp_path):
+    """``python train.py``, the README's first command (demo data generation, the demo recipe's real
+    model, training, evaluation), shrunk by nothing but ``--demo-scale``; its default paths are
+    relative to the working directory."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--demo-scale", "0.005"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data, out = tmp_path / "data" / "demo-0.005", tmp_path / "output" / "demo-0.005"
+    for split, count in (("train", 15), ("val", 2)):  # 3000 and 300 images x 0.005
+        annotations = json.loads((data / "annotations" / f"instances_{split}.json").read_text())
+        assert len(annotations["images"]) == count and len(list((data / split).glob("*.jpg"))) == count
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["type"] == "train"]
+    [evaluation] = [r for r in records if r["type"] == "eval"]
+    assert train_records[-1]["epoch"] == 4 and evaluation["epoch"] == 4  # the demo recipe's 4 epochs
+    final = load_checkpoint(str(out / "model_final.pth"))
+    assert final["iteration"] == train_records[-1]["iteration"] == evaluation["iteration"] > 0
+    assert final["args"]["backbone"] == "resnet18" and final["args"]["demo_scale"] == 0.005  # the demo's model
+    metrics = json.loads((out / "eval_val" / "metrics.json").read_text())
+    assert 0 <= metrics["AP"] <= 1 and metrics["AP"] == evaluation["AP"]
+    assert "COCO bbox evaluation" in result.stdout and f"epoch 4  AP {metrics['AP']:.4f}" in result.stdout
+    assert f"final weights: {out / 'model_final.pth'}" in result.stdout

@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-import train
-from recipes import resolve_config
+from recipes import get_args_parser, resolve_config
 from utils.runtime.checkpoint import load_checkpoint
 from utils.data.demo_data import generate_demo_dataset
 from utils.runtime.errors import ConfigError
@@ -54,12 +53,12 @@ def test_iters_is_the_schedule_length_and_ends_with_final_weights_and_evaluation
 
 
 def test_iters_and_epochs_exclude_each_other():
-    args = train.get_args_parser().parse_args(["--iters", "10", "--epochs", "2"])
+    args = get_args_parser().parse_args(["--iters", "10", "--epochs", "2"])
     with pytest.raises(ConfigError, match="--iters and --epochs exclude each other"):
         resolve_config(args)
-    config = resolve_config(train.get_args_parser().parse_args(["--iters", "10", "--schedule", "1x"]))
+    config = resolve_config(get_args_parser().parse_args(["--iters", "10", "--schedule", "1x"]))
     assert config.total_iters(3) == 10 and config.num_epochs(3) == 4
-    assert resolve_config(train.get_args_parser().parse_args(["--epochs", "2"])).total_iters(3) == 6
+    assert resolve_config(get_args_parser().parse_args(["--epochs", "2"])).total_iters(3) == 6
 
 
 def test_ce_trains_exactly_like_focal_with_gamma_0_and_no_alpha_also_without_a_prior(tiny_data, tmp_path):

@@ -36,11 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the ablation_* modul
 import torch  # noqa: E402
 
 import coco_dataset  # noqa: E402
-import train  # noqa: E402
 from ablation_grids import GRIDS, cell_flags, cell_label, cell_slug, combine, grid_cells, parse_set  # noqa: E402
 from ablation_report import write_report  # noqa: E402
 from model.weights import build_detector, read_weights  # noqa: E402
-from recipes import resolve_config  # noqa: E402
+from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.device import resolve_device  # noqa: E402
 from utils.runtime.errors import ConfigError, UserError, exit_on_user_error  # noqa: E402
@@ -83,7 +82,7 @@ def resolve_cell(flags: list, label: str):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            args = train.get_args_parser().parse_args(flags)
+            args = train_args_parser().parse_args(flags)
     except SystemExit:
         message = stderr.getvalue().strip().splitlines()
         raise ConfigError(f"cell {label!r}: {message[-1] if message else 'invalid train.py flags'} "

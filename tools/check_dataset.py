@@ -26,12 +26,11 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import coco_dataset  # noqa: E402
-import train  # noqa: E402
 from model.anchor_coverage import (FIRST_LEVEL, POOR_COVERAGE, BoxSet, measure_coverage,  # noqa: E402
                                    suggest_settings, training_image_sizes)
 from model.anchors import default_anchor_sizes  # noqa: E402
 from model.weights import configure_from_weights, read_weights  # noqa: E402
-from recipes import resolve_config  # noqa: E402
+from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.errors import exit_on_user_error  # noqa: E402
 from utils.runtime.logger import setup_logging  # noqa: E402
@@ -43,7 +42,7 @@ _SHOWN = {"recipe", "data_path"}  # train.py options shown in --help besides the
 
 def get_args_parser() -> argparse.ArgumentParser:
     """train.py's parser (so every model option means the same) with the training-only options hidden."""
-    parser = train.get_args_parser()
+    parser = train_args_parser()
     parser.prog = "check_dataset.py"
     parser.description = ("Counts, box sizes at the training resolution and anchor coverage of a COCO-format "
                           "split, with the anchors train.py would use given the same --recipe and model options.")

@@ -5,14 +5,18 @@
 naming the file and the entry, a missing file ``DatasetNotFoundError`` listing the splits that
 exist. Boxes come out as ``x1, y1, x2, y2`` clipped to their image; empty ones are dropped and
 counted. ``coco_dataset.CocoDetection`` builds on it; the conversion and evaluation scripts call
-it to check a file before they use it.
+it to check a file before they use it. ``build_coco_index`` gives pycocotools its ``COCO`` view of
+a file already read, the one the dataset, the evaluation and the scoring use.
 """
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from utils.runtime.errors import DatasetError, DatasetNotFoundError
 
@@ -50,6 +54,16 @@ def load_coco_json(ann_file) -> dict:
         raise DatasetError(f"{ann_file}: not a COCO detection file: the top level is a "
                          f"{type(dataset).__name__}, expected an object with 'images', 'annotations', 'categories'")
     return dataset
+
+
+def build_coco_index(dataset: dict) -> COCO:
+    """pycocotools' ``COCO`` over an annotation dict already in memory (the file is not read twice),
+    its index built without the "creating index..." lines pycocotools prints."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def splits_hint(ann_dir: Path) -> str:

@@ -25,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.runtime.atomic_io import write_json_atomic  # noqa: F401 - re-exported for callers
 from utils.boxes.box_ops import box_xyxy_to_xywh
+from utils.data.coco_annotations import build_coco_index
 
 # Order of ``COCOeval.stats``, with the description summarize() prints beside each.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -116,13 +117,8 @@ def _detections_as_coco(coco_gt: COCO, results: Sequence[dict]) -> COCO:
         annotations.append({"id": det_id, "image_id": result["image_id"],
                             "category_id": result["category_id"], "bbox": [x, y, w, h],
                             "score": result["score"], "area": w * h, "iscrowd": 0})
-    coco_dt = COCO()
-    coco_dt.dataset = {"images": coco_gt.dataset["images"],
-                       "categories": coco_gt.dataset.get("categories", []),
-                       "annotations": annotations}
-    with contextlib.redirect_stdout(io.StringIO()):  # "creating index..." noise
-        coco_dt.createIndex()
-    return coco_dt
+    return build_coco_index({"images": coco_gt.dataset["images"],
+                             "categories": coco_gt.dataset.get("categories", []), "annotations": annotations})
 
 
 def _none_if_absent(value: float):
