@@ -26,7 +26,7 @@ from pycocotools.coco import COCO
 
 import coco_dataset
 from engine import evaluate, predict_coco_results, report_coco_metrics
-from model.weights import build_detector, read_weights
+from model.weights import load_detector, read_weights
 from utils.runtime import distributed
 from utils.runtime.atomic_io import write_json_atomic
 from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
@@ -105,7 +105,7 @@ def evaluate_checkpoint(args, device: torch.device) -> dict:
     if unknown:
         raise UserError(f"{spec}: category ids {unknown} are not in {split}'s annotations; "
                         "was the model trained on another dataset?")
-    model, _ = build_detector(source)  # after the data: a bad annotation file is reported in seconds
+    model, _ = load_detector(source)  # after the data: a bad annotation file is reported in seconds
 
     # Shards under DDP; unreadable images are reported and skipped rather than ending the run.
     data_loader = build_eval_loader(dataset, args.batch_size, args.workers, distributed.get_rank(),

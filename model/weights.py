@@ -110,12 +110,6 @@ def load_detector(spec, map_location="cpu", what: str = "weights file", **overri
     return model.to(map_location).eval(), source.categories
 
 
-def build_detector(source: WeightsSource, map_location="cpu", **overrides):
-    """The former name of ``load_detector(source)``, kept until evaluation.py and tools/ (ablate,
-    loss_distribution) call :func:`load_detector`; new code calls that."""
-    return load_detector(source, map_location, **overrides)
-
-
 def read_weights(spec: str, map_location="cpu", what: str = "weights file") -> WeightsSource:
     """Resolve a spec to a :class:`WeightsSource` (our layout, configuration, categories)."""
     if os.path.isfile(spec):

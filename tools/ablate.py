@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import coco_dataset  # noqa: E402
 from ablation_grids import GRIDS, cell_flags, cell_label, cell_slug, combine, grid_cells, parse_set  # noqa: E402
 from ablation_report import write_report  # noqa: E402
-from model.weights import build_detector, read_weights  # noqa: E402
+from model.weights import load_detector, read_weights  # noqa: E402
 from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.device import resolve_device  # noqa: E402
@@ -171,7 +171,7 @@ def measure_inference_ms(checkpoint: Path, data_path: str, split: str, device: t
                          num_images: int) -> float:
     """Median ms per image of ``model([image])`` on the first ``num_images`` of ``split`` (decoded
     beforehand: only the detector is timed, its resizing and post-processing included)."""
-    model, _ = build_detector(read_weights(str(checkpoint), what="checkpoint"))
+    model, _ = load_detector(read_weights(str(checkpoint), what="checkpoint"))
     model = model.to(device).optimize_for(device)
     dataset = coco_dataset.build_dataset(data_path, split)
     images = [dataset[i][0] for i in range(min(num_images, len(dataset)))]
