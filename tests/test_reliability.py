@@ -11,7 +11,7 @@ import torch
 
 import coco_dataset
 from test_ddp import first_batches
-from test_train import REPO, final_weights, kill_when, resume_and_check_position, run, train_command
+from test_train import REPO, final_weights, resume_and_check_position, run, run_killed_after_writing, train_command
 from utils.runtime.checkpoint import CheckpointError, find_resumable_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from utils.data.demo_data import generate_demo_dataset
 
@@ -49,10 +49,8 @@ def uninterrupted(tiny_data, tmp_path_factory):
                                            ("checkpoint_e0001_i00000003", "after epoch 1")])
 def test_sigkill_then_resume_auto_matches_uninterrupted(kill_at, where, tiny_data, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(tiny_data, killed, *RESUME_ARGS), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: any(kill_at in c for c in list_checkpoints(str(killed))))
-    assert not (killed / "model_final.pth").exists(), "run finished before it could be killed"
+    run_killed_after_writing(train_command(tiny_data, killed, *RESUME_ARGS), kill_at)
+    assert not (killed / "model_final.pth").exists() and kill_at in list_checkpoints(str(killed))[0]
     state = resume_and_check_position(train_command(tiny_data, killed, *RESUME_ARGS, "--resume", "auto"), killed)
     assert state["iteration"] < 6 and state["rng"] is not None  # there was work left to resume
     resumed = final_weights(killed)
@@ -88,12 +86,19 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
 
 def test_truncated_checkpoint_resume_auto_continues_training(tiny_data, tmp_path):
     run(train_command(tiny_data, tmp_path, "--epochs", "2", "--checkpoint-every", "1", "--max-iters", "4"))
-    newest = list_checkpoints(str(tmp_path))[0]
+    newest, previous = list_checkpoints(str(tmp_path))[:2]
+    assert (load_checkpoint(newest)["iteration"], load_checkpoint(previous)["iteration"]) == (4, 3)
     with open(newest, "r+b") as f:
         f.truncate(64)
     result = run(train_command(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto"))
-    assert "skipping unusable checkpoint" in result.stdout + result.stderr
-    assert (tmp_path / "model_final.pth").exists()
+    output = result.stdout + result.stderr
+    assert "skipping unusable checkpoint" in output
+    # It goes on from the previous checkpoint (3 iterations an epoch), not from scratch: the log holds the
+    # first run's iterations 1-4, then the resumed run's 4-6, and the final weights are of iteration 6.
+    assert "resumed at epoch 1, batch 0, iteration 3" in output
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 4, 5, 6]
+    assert load_checkpoint(str(tmp_path / "model_final.pth"))["iteration"] == 6
 
 
 @pytest.fixture()
@@ -140,11 +145,9 @@ def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
         (root / "train" / name).write_bytes(b"not an image")
     args = ("--epochs", "2", "--checkpoint-every", "1", "--max-bad-images", "4")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(str(root), killed, *args), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: any("_i00000004" in c for c in list_checkpoints(str(killed))))
+    run_killed_after_writing(train_command(str(root), killed, *args), "_i00000004")
     at_kill = load_checkpoint(list_checkpoints(str(killed))[0])
-    assert at_kill["bad_images"] == 2 and at_kill["iteration"] < 12
+    assert at_kill["bad_images"] == 2 and at_kill["iteration"] == 4
     result = run(train_command(str(root), killed, *args, "--resume", "auto"))
     assert "2 bad images" in result.stdout + result.stderr  # the resume line reports the restored count
 
