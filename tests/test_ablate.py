@@ -94,6 +94,7 @@ def test_bad_grids_fail_before_any_training(argv, message):
         ablate.main([*argv, "--dry-run"])
 
 
+@pytest.mark.slow
 def test_two_cells_end_to_end_then_a_rerun_skips_them(tiny_data, tmp_path, caplog):
     out = tmp_path / "grid"
     argv = ["--set", "cls_loss=focal,ohem", "--iters", "2", "--output-dir", str(out), "--timing-images", "2",

@@ -49,6 +49,7 @@ def one_rank_batch_unreadable(tmp_path):
     return str(root), rank1_first, rank0_second
 
 
+@pytest.mark.slow
 def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(one_rank_batch_unreadable, tmp_path):
     data, rank1_bad, rank0_bad = one_rank_batch_unreadable
     out = tmp_path / "run"
@@ -65,6 +66,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(o
     assert "all 2 ranks agree on the final weights" in output
 
 
+@pytest.mark.slow
 def test_the_bad_image_budget_stops_every_rank_with_one_message(one_rank_batch_unreadable, tmp_path):
     data, rank1_bad, _ = one_rank_batch_unreadable
     result = torchrun(data, tmp_path / "run", "--epochs", "1", "--max-bad-images", "1")
@@ -124,6 +126,7 @@ def _ddp_half_batch(rank: int, world_size: int, features, targets) -> dict:
     return loss_and_gradients(features[half], targets[half], wrap=DistributedDataParallel)
 
 
+@pytest.mark.slow
 def test_ddp_loss_normaliser_equals_one_process_on_the_whole_batch(tmp_path):
     features, targets = four_images()
     single = loss_and_gradients(features, targets)

@@ -276,6 +276,7 @@ def evaluate_split(rank: int, world_size: int, root: str) -> dict:
     return {"shard": shard, "metrics": metrics, "results": results}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_evaluate_an_odd_split_like_one_process(tmp_path):
     """DistributedSampler pads 3 images to 4 (rank 0: images 1, 3; rank 1: 2, then 1 again); the repeat
     must be scored once, so both ranks return what one process computes, and rank 0 writes its results."""

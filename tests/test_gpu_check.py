@@ -20,6 +20,7 @@ import gpu_measure  # noqa: E402
 CHECKS = {"eval_detections", "train_losses_fp32", "focal_loss", "channels_last", "amp_training", "host_sync", "compile"}
 
 
+@pytest.mark.slow
 def test_smoke_run_on_cpu_writes_every_section(tmp_path):
     # Caps far above any machine's need: what the run reports must not depend on how fast this one is.
     caps = [arg for part in gpu_check.PARTS for arg in (f"--{part}-cap", "3600")]

@@ -130,6 +130,7 @@ def error_lines(output: str) -> list:
     return [line for line in output.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 def test_train_py_offline_single_process_and_torchrun(offline_run):
     data, env, root = offline_run
     common = ["--data-path", data, "--train-split", "train", "--val-split", "val", "--device", "cpu"]

@@ -47,6 +47,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("kill_at,where", [("checkpoint_e0000_i00000002", "mid-epoch"),
                                            ("checkpoint_e0001_i00000003", "after epoch 1")])
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_uninterrupted(kill_at, where, tiny_data, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     run_killed_after_writing(train_command(tiny_data, killed, *RESUME_ARGS), kill_at)
@@ -59,6 +60,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(kill_at, where, tiny_dat
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=f"{where}: {key}")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_loadable_checkpoint_and_exits_zero(tiny_data, tmp_path):
     proc = subprocess.Popen(train_command(tiny_data, tmp_path, "--epochs", "50"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -84,6 +86,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
     assert path.endswith("checkpoint_e0001_i00000010.pth") and state["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_resume_auto_continues_training(tiny_data, tmp_path):
     run(train_command(tiny_data, tmp_path, "--epochs", "2", "--checkpoint-every", "1", "--max-iters", "4"))
     newest, previous = list_checkpoints(str(tmp_path))[:2]
@@ -114,6 +117,7 @@ def data_with_corrupt_images(tmp_path):
     return str(root), bad
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted(data_with_corrupt_images, tmp_path):
     data, bad = data_with_corrupt_images
     result = run(train_command(data, tmp_path, "--epochs", "1", "--max-bad-images", "5", "--batch-size", "8"))
@@ -125,6 +129,7 @@ def test_corrupt_images_are_skipped_and_counted(data_with_corrupt_images, tmp_pa
     assert (tmp_path / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_too_many_corrupt_images_stop_with_clear_error(data_with_corrupt_images, tmp_path):
     data, bad = data_with_corrupt_images
     cmd = train_command(data, tmp_path, "--epochs", "1", "--max-bad-images", "1", "--batch-size", "8")
@@ -134,6 +139,7 @@ def test_too_many_corrupt_images_stop_with_clear_error(data_with_corrupt_images,
     assert all(name in result.stdout + result.stderr for name in bad)
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
     """The counters live in the checkpoint: a resumed run continues the bad-image count (and the
     --max-bad-images budget) where the killed one left it, instead of starting again at 0."""

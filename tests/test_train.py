@@ -99,6 +99,7 @@ def resume_and_check_position(command, out_dir) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
     cmd += train_command(tiny_data, tmp_path, "--epochs", "1", "--device", "cpu")[1:]
@@ -108,6 +109,7 @@ def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
     assert state["args"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_fine_tune_from_checkpoint_with_weights_flag(tiny_data, tmp_path):
     from model import build_retinanet
     from utils.runtime.checkpoint import save_checkpoint
@@ -175,6 +177,7 @@ def test_weights_with_a_contradicting_architecture_flag_name_it(giou_checkpoint)
                                 "--pretrained-backbone", "DEFAULT")
 
 
+@pytest.mark.slow
 def test_evaluation_script_on_a_trained_checkpoint_reproduces_the_training_evaluation(tiny_data, tmp_path):
     """``evaluation.py --checkpoint`` end to end: the model, the data path and the split come from the
     checkpoint alone, and the figures equal those train.py computed at the end of training."""

@@ -38,6 +38,7 @@ def log_records(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_iters_is_the_schedule_length_and_ends_with_final_weights_and_evaluation(tiny_data, tmp_path):
     # 12 images at batch 4: 3 iterations per epoch, so 5 iterations end part-way through epoch 2.
     result = train_py(tiny_data, tmp_path, "--iters", "5", "--schedule", "cosine", "--warmup-iters", "1",
@@ -63,6 +64,7 @@ def test_iters_and_epochs_exclude_each_other():
     assert resolve_config(train.get_args_parser().parse_args(["--epochs", "2"])).total_iters(3) == 6
 
 
+@pytest.mark.slow
 def test_ce_trains_exactly_like_focal_with_gamma_0_and_no_alpha_also_without_a_prior(tiny_data, tmp_path):
     """--cls-loss ce is the focal loss at gamma 0 without alpha, bit for bit, also from --prior-prob 0
     (bias 0). Both runs must train (3 small SGD steps do not diverge); the diverging run's one-line
@@ -83,6 +85,7 @@ def test_ce_trains_exactly_like_focal_with_gamma_0_and_no_alpha_also_without_a_p
     assert len(ce_losses) == 3 and all(math.isfinite(loss) for loss in ce_losses) and ce_losses == focal_losses
 
 
+@pytest.mark.slow
 def test_a_diverging_run_without_prior_stops_with_one_line(tiny_data, tmp_path):
     result = train_py(tiny_data, tmp_path, "--cls-loss", "ce", "--prior-prob", "0", "--iters", "6",
                       "--optimizer", "sgd", "--lr", "1e6", "--warmup-iters", "0", "--max-non-finite", "2")
