@@ -105,6 +105,7 @@ def test_ddp_ranks_reach_the_same_verdict(tmp_path):
     assert results[0][0] is False  # rank 1's difference shows in the mean
 
 
+@pytest.mark.slow
 def test_train_py_runs_the_check_with_amp_and_skips_it_when_asked(tmp_path):
     data = tmp_path / "data"
     generate_demo_dataset(str(data), num_train=4, num_val=2, image_size=64, seed=1, show_progress=False)

@@ -111,6 +111,7 @@ def train_two_iterations(data, out):
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_voc_converts_with_problems_skipped_and_trains(voc_root, tmp_path):
     out = tmp_path / "coco"
     result = convert("--format", "voc", "--input", voc_root, "--output", out, "--split", "train",
@@ -138,6 +139,7 @@ def test_voc_converts_with_problems_skipped_and_trains(voc_root, tmp_path):
     assert not os.path.islink(kept / "train" / "000001.jpg")
 
 
+@pytest.mark.slow
 def test_yolo_converts_with_problems_skipped_and_trains(tmp_path):
     root = tmp_path / "yolo"
     for index, (width, height) in enumerate([(64, 48), (80, 60), (64, 64)]):
@@ -162,6 +164,7 @@ def test_yolo_converts_with_problems_skipped_and_trains(tmp_path):
     train_two_iterations(out, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_csv_converts_with_problems_skipped_and_trains(tmp_path):
     root = tmp_path / "csv"
     for index in range(3):

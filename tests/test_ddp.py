@@ -5,8 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import coco_dataset
+from gloo_ranks import run_on_ranks
+from losses.retinanet_loss import RetinaNetLoss
 from test_train import REPO, train_command
 from utils.data.demo_data import generate_demo_dataset
 from utils.data.loaders import build_train_loader
@@ -45,6 +49,7 @@ def one_rank_batch_unreadable(tmp_path):
     return str(root), rank1_first, rank0_second
 
 
+@pytest.mark.slow
 def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(one_rank_batch_unreadable, tmp_path):
     data, rank1_bad, rank0_bad = one_rank_batch_unreadable
     out = tmp_path / "run"
@@ -61,6 +66,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(o
     assert "all 2 ranks agree on the final weights" in output
 
 
+@pytest.mark.slow
 def test_the_bad_image_budget_stops_every_rank_with_one_message(one_rank_batch_unreadable, tmp_path):
     data, rank1_bad, _ = one_rank_batch_unreadable
     result = torchrun(data, tmp_path / "run", "--epochs", "1", "--max-bad-images", "1")
@@ -70,3 +76,71 @@ def test_the_bad_image_budget_stops_every_rank_with_one_message(one_rank_batch_u
     # The first step already skips 2 (all of rank 1's batch): every rank stops there.
     assert "2 unreadable training images skipped, more than --max-bad-images 1" in errors[0]
     assert all(name in errors[0] for name in rank1_bad)
+
+
+# The loss normaliser (foreground anchors of the whole batch, over all ranks) against one process.
+# 16 px anchors every 8 px and 32 px anchors every 16 px on a 96 px image.
+ANCHORS = torch.cat([torch.tensor([[x, y, x + size, y + size] for y in range(0, 96 - size + 1, stride)
+                                   for x in range(0, 96 - size + 1, stride)], dtype=torch.float32)
+                     for size, stride in ((16, 8), (32, 16))])
+
+
+class SharedHead(torch.nn.Module):
+    """Class logits ``[B, A, K]`` and box deltas ``[B, A, 4]`` from a per-anchor feature ``[B, A, 1]``,
+    with weights every image shares, so DDP has gradients to average."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.cls = torch.nn.Linear(1, num_classes)
+        self.box = torch.nn.Linear(1, 4)
+
+    def forward(self, features):
+        return self.cls(features), 0.1 * self.box(features)
+
+
+def four_images():
+    """Per-anchor features and targets: images 0-1 (rank 0's half) hold one object each, 2-3 three each."""
+    generator = torch.Generator().manual_seed(7)
+    features = torch.randn(4, len(ANCHORS), 1, generator=generator)
+    boxes = [[[8.0, 8, 24, 24]], [[40.0, 16, 72, 48]],
+             [[8.0, 8, 24, 24], [48.0, 48, 64, 64], [16.0, 56, 48, 88]],
+             [[0.0, 0, 32, 32], [64.0, 8, 80, 24], [40.0, 40, 72, 72]]]
+    targets = [{"boxes": torch.tensor(b), "labels": torch.arange(len(b)) % 3} for b in boxes]
+    return features, targets
+
+
+def loss_and_gradients(features, targets, wrap=lambda head: head) -> dict:
+    torch.manual_seed(0)
+    head = SharedHead(num_classes=3)
+    model = wrap(head)  # held until backward: DDP's gradient averaging lives in this object
+    cls_logits, box_deltas = model(features)
+    losses = RetinaNetLoss(num_classes=3)(cls_logits, box_deltas, ANCHORS, targets)
+    sum(losses.values()).backward()
+    return {"losses": {name: value.detach() for name, value in losses.items()},
+            "gradients": {name: parameter.grad for name, parameter in head.named_parameters()}}
+
+
+def _ddp_half_batch(rank: int, world_size: int, features, targets) -> dict:
+    """Rank ``rank``'s half of the batch through DistributedDataParallel (run on each spawned rank)."""
+    half = slice(2 * rank, 2 * rank + 2)
+    return loss_and_gradients(features[half], targets[half], wrap=DistributedDataParallel)
+
+
+@pytest.mark.slow
+def test_ddp_loss_normaliser_equals_one_process_on_the_whole_batch(tmp_path):
+    features, targets = four_images()
+    single = loss_and_gradients(features, targets)
+    ranks = run_on_ranks(_ddp_half_batch, 2, tmp_path, features, targets)
+    # DDP averages the ranks' gradients: each rank's loss must be its share of the whole batch's sum
+    # divided by the whole batch's foreground count, so the mean of the rank losses is the batch loss.
+    for name, value in single["losses"].items():
+        torch.testing.assert_close((ranks[0]["losses"][name] + ranks[1]["losses"][name]) / 2, value, msg=name)
+    for rank in ranks:
+        for name, gradient in single["gradients"].items():
+            torch.testing.assert_close(rank["gradients"][name], gradient, msg=name)
+    # The halves have different foreground counts, so normalising per rank would give another answer.
+    matcher = RetinaNetLoss(num_classes=3)
+    foreground = [int((matcher.match(ANCHORS, targets[h:h + 2])[0] >= 0).sum()) for h in (0, 2)]
+    assert foreground[0] < foreground[1], foreground
+    per_rank = [loss_and_gradients(features[h:h + 2], targets[h:h + 2])["losses"]["bbox_regression"] for h in (0, 2)]
+    assert not torch.allclose((per_rank[0] + per_rank[1]) / 2, single["losses"]["bbox_regression"])

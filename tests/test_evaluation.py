@@ -1,7 +1,8 @@
 """engine.evaluate, evaluation.py and utils/evaluation/coco_eval.py on tiny hand-made COCO splits (CPU, seconds).
 
-The reference is pycocotools' COCOeval driven directly (``loadRes`` + ``evaluate``),
-plus hand-computed APs for cases small enough to follow COCO's 101-point interpolation.
+The references never run COCOeval: APs computed by hand for cases small enough to follow COCO's
+101-point interpolation, and an independent few-line implementation of COCO's AP (checked
+against those hand values) for a case with many IoUs.
 """
 import argparse
 import copy
@@ -15,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 import coco_dataset
-from utils.data.loaders import collate_eval
+from engine import evaluate
+from gloo_ranks import run_on_ranks
+from utils.data.loaders import build_eval_loader, collate_eval
 from utils.runtime.atomic_io import write_json_atomic
 from utils.evaluation.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
 
@@ -62,23 +64,55 @@ def as_results(boxes, score=1.0):
     return [{"image_id": i, "category_id": c, "bbox": list(b), "score": score} for i, c, b in boxes]
 
 
-def reference_stats(coco_gt: COCO, results, cat_ids=None):
-    """COCOeval run the documented way, on a deep copy (loadRes writes into the dicts)."""
-    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iouType="bbox")
-    if cat_ids is not None:
-        coco_eval.params.catIds = cat_ids
-    coco_eval.evaluate()
-    coco_eval.accumulate()
-    coco_eval.summarize()
-    return coco_eval.stats
+def iou_xywh(a, b) -> float:
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(width, 0.0) * max(height, 0.0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
-def assert_same_as_cocoeval(metrics, stats):
-    for name, value in zip(METRIC_NAMES, stats):
-        if value < 0:
-            assert metrics[name] is None, name
-        else:
-            assert metrics[name] == pytest.approx(value, abs=1e-12), name
+def reference_precision_recall(gt_boxes, results, category_id, iou_threshold):
+    """COCO's definitions for one category and IoU threshold (area "all", at most 100 detections per
+    image, no crowd), without pycocotools: detections by descending score claim the unclaimed ground
+    truth of their image they overlap most (IoU >= threshold), else count as false positives; precision
+    is made non-increasing from the right and read at recall 0, 0.01, ..., 1 (0 past the last recall).
+
+    Returns ``(AP, final recall)``, or None when the category has no ground truth."""
+    truths = [(image_id, box) for image_id, cat, box in gt_boxes if cat == category_id]
+    if not truths:
+        return None
+    detections = sorted((r for r in results if r["category_id"] == category_id), key=lambda r: -r["score"])
+    claimed, true_positives, precisions, recalls = set(), 0, [], []
+    for rank, detection in enumerate(detections, start=1):
+        candidates = [(iou_xywh(detection["bbox"], box), k) for k, (image_id, box) in enumerate(truths)
+                      if image_id == detection["image_id"] and k not in claimed]
+        best_iou, best = max(candidates, default=(0.0, None))
+        if best is not None and best_iou >= iou_threshold:
+            claimed.add(best)
+            true_positives += 1
+        precisions.append(true_positives / rank)
+        recalls.append(true_positives / len(truths))
+    for k in range(len(precisions) - 2, -1, -1):
+        precisions[k] = max(precisions[k], precisions[k + 1])
+    sampled = [next((p for p, r in zip(precisions, recalls) if r >= point / 100), 0.0) for point in range(101)]
+    return sum(sampled) / 101, (recalls[-1] if recalls else 0.0)
+
+
+def reference_metrics(gt_boxes, results, category_ids) -> dict:
+    """AP, AP50, AP75, AR100 and per-category AP from :func:`reference_precision_recall`."""
+    thresholds = [0.5 + 0.05 * k for k in range(10)]
+    table = {(c, t): reference_precision_recall(gt_boxes, results, c, t) for c in category_ids for t in thresholds}
+    scored = [c for c in category_ids if table[(c, 0.5)] is not None]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    return {"AP": mean([table[(c, t)][0] for c in scored for t in thresholds]),
+            "AP50": mean([table[(c, thresholds[0])][0] for c in scored]),
+            "AP75": mean([table[(c, thresholds[5])][0] for c in scored]),
+            "AR100": mean([table[(c, t)][1] for c in scored for t in thresholds]),
+            "per_category": {c: mean([table[(c, t)][0] for t in thresholds]) if c in scored else None
+                             for c in category_ids}}
 
 
 @pytest.fixture
@@ -107,7 +141,7 @@ def test_cli_results_equal_to_ground_truth_give_ap_1(coco_root, tmp_path):
         assert text in proc.stderr + proc.stdout
 
 
-def test_shifted_boxes_match_cocoeval(coco_root):
+def test_shifted_boxes_match_an_independent_ap(coco_root):
     coco_gt = COCO(str(coco_root / "annotations" / "instances_val.json"))
     shifts = [0.0, 3.0, 7.0, 1.5, 12.0, 4.0]
     results = [{"image_id": i, "category_id": c, "bbox": [b[0] + s, b[1] - s / 2, b[2], b[3] + s],
@@ -119,12 +153,21 @@ def test_shifted_boxes_match_cocoeval(coco_root):
     untouched = copy.deepcopy(results)
     metrics, _ = score_coco_results(coco_gt, results)
     assert results == untouched  # unlike loadRes, scoring does not write into the caller's dicts
-    stats = reference_stats(coco_gt, results)
-    assert 0.0 < stats[0] < 1.0  # a case where the comparison means something
-    assert_same_as_cocoeval(metrics, stats)
+    reference = reference_metrics(GT_BOXES, results, [3, 7, 12])
+    assert 0.0 < reference["AP"] < reference["AP50"] < 1.0  # a case where the comparison means something
+    for name in ("AP", "AP50", "AP75", "AR100"):
+        assert metrics[name] == pytest.approx(reference[name], abs=1e-9), name
     for category in CATEGORIES:
-        single = reference_stats(coco_gt, results, cat_ids=[category["id"]])
-        assert metrics["per_category"][category["name"]] == pytest.approx(single[0], abs=1e-12)
+        assert metrics["per_category"][category["name"]] == pytest.approx(reference["per_category"][category["id"]],
+                                                                         abs=1e-9)
+
+
+def test_the_reference_gives_the_hand_computed_aps():
+    one_found = [(1, 1, [10.0, 10.0, 50.0, 50.0]), (1, 1, [100.0, 60.0, 50.0, 50.0])]
+    assert reference_metrics(one_found, as_results(one_found[:1]), [1])["AP"] == pytest.approx(51 / 101)
+    with_fp = as_results(GT_BOXES, score=0.9) + [EMPTY_IMAGE_FALSE_POSITIVE]
+    reference = reference_metrics(GT_BOXES, with_fp, [3, 7, 12])
+    assert reference["AP"] == pytest.approx(8 / 9) and reference["per_category"][3] == pytest.approx(2 / 3)
 
 
 def test_non_contiguous_category_ids_are_mapped_back(coco_root):
@@ -205,16 +248,73 @@ def test_evaluate_counts_images_repeated_across_ranks_once(coco_root, tmp_path, 
     assert len(json.loads((tmp_path / "results.json").read_text())) == len(GT_BOXES)
 
 
+class ColourOracle(torch.nn.Module):
+    """Knows each image by its colour (red 40, 120, 200 for ids 1, 2, 3): returns its ground truth, the
+    later boxes shifted by a few pixels, and a false positive, so that AP < 1 and a repeated image counts."""
+
+    def forward(self, images):
+        outputs = []
+        for image in images:
+            image_id = round((image[0].float().mean().item() + 40) / 80)
+            mine = [(c, b) for i, c, b in GT_BOXES if i == image_id]
+            boxes = [[x + 3 * k, y, x + w + 3 * k, y + h] for k, (_, (x, y, w, h)) in enumerate(mine)]
+            outputs.append({"boxes": torch.tensor(boxes + [[150.0, 100, 190, 140]]).reshape(-1, 4),
+                            "scores": torch.tensor([0.9 - 0.1 * k for k in range(len(mine))] + [0.3 * image_id]),
+                            "labels": torch.tensor([[3, 7, 12].index(c) for c, _ in mine] + [0], dtype=torch.int64)})
+        return outputs
+
+
+def evaluate_split(rank: int, world_size: int, root: str) -> dict:
+    """``engine.evaluate`` of the split in ``root`` on this rank's shard (batches of 1; run on each rank)."""
+    dataset = coco_dataset.build_dataset(root, "val")
+    loader = build_eval_loader(dataset, batch_size=1, workers=0, rank=rank, world_size=world_size)
+    shard = [target["image_id"] for _, targets in loader for target in targets]
+    output_dir = Path(root) / f"out_{world_size}_ranks"
+    metrics = evaluate(ColourOracle(), loader, dataset.coco, dataset.cat_ids, "cpu", output_dir=output_dir,
+                       show_progress=False)
+    results = json.loads((output_dir / "results.json").read_text()) if rank == 0 else None
+    return {"shard": shard, "metrics": metrics, "results": results}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_evaluate_an_odd_split_like_one_process(tmp_path):
+    """DistributedSampler pads 3 images to 4 (rank 0: images 1, 3; rank 1: 2, then 1 again); the repeat
+    must be scored once, so both ranks return what one process computes, and rank 0 writes its results."""
+    root = tmp_path / "coco"
+    write_coco_split(root, "val", IMAGES, GT_BOXES, CATEGORIES)
+    (root / "val").mkdir()
+    for image_id, width, height in IMAGES:
+        Image.new("RGB", (width, height), (80 * image_id - 40, 80, 40)).save(root / "val" / f"{image_id:012d}.jpg")
+    one = evaluate_split(0, 1, str(root))
+    assert one["shard"] == [1, 2, 3] and 0 < one["metrics"]["AP"] < 1
+    assert len(one["results"]) == len(GT_BOXES) + 3
+    ranks = run_on_ranks(evaluate_split, 2, tmp_path / "ranks", str(root))
+    assert [rank["shard"] for rank in ranks] == [[1, 3], [2, 1]]  # image 1 is evaluated twice
+    assert ranks[0]["results"] == one["results"]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == one["metrics"]
+
+
+# A confident false positive on image 3, which has no annotations (40 x 40: a medium-sized box).
+EMPTY_IMAGE_FALSE_POSITIVE = {"image_id": 3, "category_id": 3, "bbox": [0.0, 0.0, 40.0, 40.0], "score": 0.99}
+
+
 def test_image_without_annotations_in_split(coco_root):
     coco_gt = COCO(str(coco_root / "annotations" / "instances_val.json"))
     assert coco_gt.getAnnIds(imgIds=[3]) == []
     perfect = as_results(GT_BOXES, score=0.9)
     assert score_coco_results(coco_gt, perfect)[0]["AP"] == pytest.approx(1.0)
-    # A confident detection on the empty image is a false positive ranked first.
-    with_fp = perfect + [{"image_id": 3, "category_id": 3, "bbox": [0.0, 0.0, 40.0, 40.0], "score": 0.99}]
-    metrics, _ = score_coco_results(coco_gt, with_fp)
-    assert metrics["AP"] < 1.0
-    assert_same_as_cocoeval(metrics, reference_stats(coco_gt, with_fp))
+    # The false positive ranks first for "cat": precision 0, 1/2, 2/3 at recall 0, 1/2, 1, made
+    # non-increasing from the right: 2/3 at every recall point, at every IoU. Dog and bird stay 1.
+    metrics, _ = score_coco_results(coco_gt, perfect + [EMPTY_IMAGE_FALSE_POSITIVE])
+    for name in ("AP", "AP50", "AP75"):
+        assert metrics[name] == pytest.approx((2 / 3 + 1 + 1) / 3), name
+    assert metrics["per_category"] == pytest.approx({"cat": 2 / 3, "dog": 1.0, "bird": 1.0})
+    # By area (ground truth outside the range is ignored, so is an unmatched detection outside it):
+    # small: the medium false positive does not count, AP 1. Medium: cat's one medium object after the
+    # false positive (1/2), dog's found (1), bird has none (left out): 3/4. Large: only bird's, 1.
+    assert (metrics["APs"], metrics["APm"], metrics["APl"]) == pytest.approx((1.0, 0.75, 1.0))
+    # Every object is the best detection of its image and category: recall 1 from one detection on.
+    assert all(metrics[name] == pytest.approx(1.0) for name in ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl"))
 
 
 def test_hand_computed_ap(tmp_path):

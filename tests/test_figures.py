@@ -7,7 +7,9 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from model import build_retinanet
 from utils.runtime.checkpoint import save_checkpoint
@@ -49,10 +51,31 @@ def parse(tool, argv):
     return tool.get_args_parser().parse_args(argv)
 
 
+# matplotlib's first two line colours (tab:blue, tab:orange) and the anchors' tab:cyan.
+BLUE, ORANGE, CYAN = (31, 119, 180), (255, 127, 14), (23, 190, 207)
+
+
+def assert_drawn(path: Path, figsize: tuple, colours=(), min_colour_pixels: int = 150) -> np.ndarray:
+    """``path`` is a PNG of about ``figsize`` inches at 100 dpi (``bbox_inches="tight"`` trims or adds a
+    margin), with ink on it and at least ``min_colour_pixels`` pixels of each of ``colours`` (its curves,
+    its boxes); returns its ``[H, W, 3]`` pixels."""
+    image = Image.open(path)
+    assert image.format == "PNG"
+    width, height = image.size
+    assert 0.6 * figsize[0] * 100 < width < 1.3 * figsize[0] * 100, image.size
+    assert 0.6 * figsize[1] * 100 < height < 1.3 * figsize[1] * 100, image.size
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert (pixels.min(axis=-1) < 200).mean() > 0.02  # not a blank canvas
+    for colour in colours:
+        close = (np.abs(pixels - np.array(colour)).max(axis=-1) < 24).sum()
+        assert close >= min_colour_pixels, (colour, close)
+    return pixels
+
+
 def test_figure_1_is_the_focal_loss_of_losses_focal_loss(tmp_path):
     out = tmp_path / "fig1.png"
     plot_focal_loss.main(parse(plot_focal_loss, ["--output", str(out), "--gammas", "0", "2", "--points", "99"]))
-    assert out.stat().st_size > 5000
+    assert_drawn(out, (6, 4.5), colours=(BLUE, ORANGE))  # one curve per gamma
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert set(numbers["loss"]) == {"0", "2"} and len(numbers["p_t"]) == 99
     p_t, ce, focal = numbers["p_t"][49], numbers["loss"]["0"][49], numbers["loss"]["2"][49]
@@ -66,7 +89,8 @@ def test_show_features_writes_one_png_with_every_level(checkpoint, tmp_path):
     out = tmp_path / "features.png"
     show_features.main(parse(show_features, ["--checkpoint", str(path), "--image", str(image), "--output", str(out),
                                              "--score-thresh", "0.005"]))
-    assert out.stat().st_size > 5000
+    pixels = assert_drawn(out, (9, 3 * 5), colours=(CYAN,))  # the image, then one row per level; anchors in cyan
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # the colour-mapped feature and score maps
     summary = json.loads(out.with_suffix(".json").read_text())
     assert [level["level"] for level in summary["levels"]] == ["P3", "P4", "P5", "P6"]
     assert [level["stride"] for level in summary["levels"]] == [8, 16, 32, 64]
@@ -79,7 +103,10 @@ def test_loss_distribution_writes_cumulative_curves_per_gamma(checkpoint, tmp_pa
     out = tmp_path / "figure4.png"
     loss_distribution.main(parse(loss_distribution, ["--checkpoint", str(path), "--gammas", "0", "2",
                                                      "--output", str(out), "--max-images", "3"]))
-    assert out.stat().st_size > 5000
+    pixels = assert_drawn(out, (11, 4.5), colours=(BLUE, ORANGE))  # a curve per gamma
+    # A curve in each panel (positives left, negatives right); gamma 2's is drawn last, on top.
+    for half in (pixels[:, :pixels.shape[1] // 2], pixels[:, pixels.shape[1] // 2:]):
+        assert (np.abs(half - np.array(ORANGE)).max(axis=-1) < 24).sum() >= 150
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["split"] == "val" and summary["images"] == 3 and set(summary["gammas"]) == {"0", "2"}
     for kind in ("positive", "negative"):

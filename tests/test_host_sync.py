@@ -36,6 +36,8 @@ def batches(tmp_path_factory):
 
 def test_host_read_counter_sees_each_kind_of_read_and_its_line():
     x = torch.arange(6.0)
+    # What torch.Tensor itself defines (its read methods are inherited from the C base class).
+    own_methods = {name: torch.Tensor.__dict__.get(name) for name in host_sync.READ_METHODS + host_sync.MASK_METHODS}
     with host_sync.HostReadCounter() as counter:
         x.sum().item()
         float(x[0])
@@ -47,7 +49,9 @@ def test_host_read_counter_sees_each_kind_of_read_and_its_line():
     assert methods == ["item", "__float__", "__bool__", "tolist", "__getitem__[bool mask]"]
     assert all(read.file == "tests/test_host_sync.py" and read.kind == "unexpected" for read in counter.reads)
     assert "x.sum().item()" in counter.reads[0].source
-    assert not hasattr(torch.Tensor.__dict__, "__bool__") and bool(torch.ones(()))  # patches removed
+    # Patches removed: torch.Tensor's own attributes are exactly what they were, and reads work untracked.
+    assert {name: torch.Tensor.__dict__.get(name) for name in own_methods} == own_methods
+    assert bool(torch.ones(())) and counter.reads[-1].method == "__getitem__[bool mask]"
     with host_sync.HostReadCounter(device_only=True) as counter:
         x.sum().item()
     assert counter.reads == []  # a CPU tensor is not a device read

@@ -33,9 +33,18 @@ def test_lambda_lr_state_round_trips_for_resume():
         scheduler.step()
     state = pickle.loads(pickle.dumps(scheduler.state_dict()))
     fresh_optimizer = torch.optim.SGD(params, lr=0.5)
+    fresh_optimizer.load_state_dict(optimizer.state_dict())
     fresh = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, WarmupSchedule(50, [30], warmup_iters=5))
     fresh.load_state_dict(state)
     assert fresh.last_epoch == 12 and fresh.get_last_lr() == scheduler.get_last_lr()
+    # The resumed schedule goes on where the first left off: the same rates as the uninterrupted one
+    # and the schedule's own values (warm from iteration 5, x0.1 from 30), not its restored last rate.
+    for iteration in range(13, 40):
+        optimizer.step(), scheduler.step()
+        fresh_optimizer.step(), fresh.step()
+        expected = 0.5 if iteration < 30 else 0.05
+        assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(expected), iteration
+        assert fresh.get_last_lr() == scheduler.get_last_lr(), iteration
 
 
 def test_bad_policy():

@@ -88,6 +88,42 @@ def test_crowd_region_turns_background_anchors_into_ignored():
     torch.testing.assert_close(with_crowd["bbox_regression"], plain["bbox_regression"])
 
 
+@pytest.mark.parametrize("cls_loss", ["focal", "ce", "ohem"])
+def test_ignored_anchors_contribute_exactly_nothing(cls_loss):
+    """An anchor in a crowd region or in the IoU band between the thresholds (0.4-0.5) is ignored:
+    any logit or delta there leaves both losses bit for bit; a foreground or background anchor's does not."""
+    anchors = torch.tensor([[2.0, 2, 20, 20],    # 0: foreground (IoU 1 with the object)
+                            [34.0, 34, 50, 50],  # 1: inside the crowd region (IoA 1): ignored
+                            [6.0, 6, 24, 24],    # 2: IoU 0.43 with the object: ignored
+                            [0.0, 40, 16, 56],   # 3: background
+                            [20.0, 20, 40, 40]])  # 4: background (IoA 0.25 with the crowd region, under 0.5)
+    target = dict(one_target([[2, 2, 20, 20]], [1]), crowd_boxes=torch.tensor([[30.0, 30, 64, 64]]))
+    criterion = model_loss(num_classes=2, cls_loss=cls_loss)
+    logits, deltas = torch.randn(1, 5, 2), torch.randn(1, 5, 4) * 0.1
+
+    def losses(changed_anchor=None):
+        new_logits, new_deltas = logits.clone(), deltas.clone()
+        if changed_anchor is not None:
+            new_logits[0, changed_anchor] = torch.tensor([7.0, -7.0])
+            new_deltas[0, changed_anchor] += 0.5
+        return criterion(new_logits, new_deltas, anchors, [target])
+
+    reference = losses()
+    assert reference["classification"] > 0 and reference["bbox_regression"] > 0
+    for ignored in (1, 2):
+        changed = losses(ignored)
+        assert all(torch.equal(changed[key], reference[key]) for key in reference), ignored
+    for counted in (0, 3, 4):
+        assert losses(counted)["classification"] != reference["classification"], counted
+    assert losses(0)["bbox_regression"] != reference["bbox_regression"]  # only foreground anchors regress
+    assert losses(3)["bbox_regression"] == reference["bbox_regression"]
+
+
+def model_loss(num_classes: int, cls_loss: str):
+    """The loss module a default RetinaNet trains with (thresholds 0.5 / 0.4, crowd IoA 0.5)."""
+    return build_retinanet(num_classes=num_classes, backbone="resnet18", cls_loss=cls_loss, **SMALL).loss
+
+
 def test_model_learns_a_batch():
     torch.manual_seed(0)
     model = build_retinanet(num_classes=2, backbone="resnet18", fpn_channels=64, head_convs=2, head_norm="gn",

@@ -130,6 +130,7 @@ def error_lines(output: str) -> list:
     return [line for line in output.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 def test_train_py_offline_single_process_and_torchrun(offline_run):
     data, env, root = offline_run
     common = ["--data-path", data, "--train-split", "train", "--val-split", "val", "--device", "cpu"]
@@ -150,7 +151,7 @@ def test_train_py_offline_single_process_and_torchrun(offline_run):
     assert "retinanet_resnet50_fpn_coco-eeacb38b.pth" in weights_line and "--weights PATH" in weights_line
     assert not os.path.exists(root / "a" / "log.jsonl")  # stopped before any training
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
            "train.py", *common, "--output-dir", str(root / "c"), *TINY_MODEL[:2], "--pretrained-backbone", "DEFAULT"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr

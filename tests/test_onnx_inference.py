@@ -163,6 +163,7 @@ def test_execution_providers():
         execution_providers("tpu")
 
 
+@pytest.mark.slow
 def test_onnx_benchmark_runs_end_to_end(tmp_path):
     args = onnx_benchmark.get_args_parser().parse_args(
         ["--backbone", "resnet18", "--image-size", "32", "48", "--size-divisible", "32", "--num-classes", "3",

@@ -90,6 +90,7 @@ def tiny_data(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.slow
 def test_train_py_writes_curves_png_and_goes_on_without_matplotlib(tiny_data, tmp_path):
     runs = run_forked("train.py", [train_command(tiny_data, tmp_path / name, "--epochs", "1")[2:]
                                    for name in ("with", "without")],

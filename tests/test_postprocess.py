@@ -1,13 +1,22 @@
+"""model/postprocess.py against references that share none of its code: torchvision's BoxCoder
+decode, ``clip_boxes_to_image`` and ``batched_nms`` on a per-image, per-level loop, and a case
+small enough to decode, clip and suppress by hand."""
+import math
+
 import torch
-from torchvision.ops import batched_nms
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from model.postprocess import postprocess_detections
-from utils.boxes.box_ops import clip_boxes, decode_boxes
 
 
 def reference_per_image(cls_logits, box_deltas, anchors, counts, image_size, score_thresh, topk, nms_thresh, cap):
-    """Plain per-image, per-level loop in the style of the paper's description."""
+    """Plain per-image, per-level loop in the style of the paper's description, on torchvision's box ops.
+
+    cls_logits ``[N, K]``, box_deltas ``[N, 4]``, anchors ``[N, 4]`` xyxy; image_size ``(h, w)``.
+    """
     num_classes = cls_logits.shape[-1]
+    decoder = TorchvisionBoxCoder(weights=(1.0, 1.0, 1.0, 1.0), bbox_xform_clip=math.log(1000.0 / 16))
     boxes_all, scores_all, labels_all = [], [], []
     start = 0
     for count in counts:
@@ -19,8 +28,8 @@ def reference_per_image(cls_logits, box_deltas, anchors, counts, image_size, sco
         scores, order = scores.topk(k)
         idx = idx[order]
         anchor_idx, labels = idx // num_classes + start, idx % num_classes
-        boxes = decode_boxes(box_deltas[anchor_idx], anchors[anchor_idx])
-        boxes_all.append(clip_boxes(boxes, *image_size))
+        boxes = decoder.decode_single(box_deltas[anchor_idx], anchors[anchor_idx])
+        boxes_all.append(clip_boxes_to_image(boxes, image_size))
         scores_all.append(scores)
         labels_all.append(labels)
         start += count
@@ -47,6 +56,25 @@ def test_batched_postprocess_equals_per_image_reference():
         torch.testing.assert_close(dets[i]["boxes"], boxes)
         assert torch.equal(dets[i]["labels"], labels)
         assert (dets[i]["boxes"][:, 2] <= image_sizes[i][1]).all() and (dets[i]["boxes"][:, 3] <= image_sizes[i][0]).all()
+
+
+def test_hand_decoded_clipped_and_suppressed():
+    # Anchor 0 (20 x 40, centre (20, 30)) moved by half its width right, a quarter of its height up,
+    # twice as wide: centre (30, 20), 40 x 40 -> [10, 0, 50, 40]. Anchor 1 is anchor 0 shifted 2 px:
+    # [12, 0, 52, 40], IoU 0.905 with box 0 (0.943 once clipped), so as class 0 it is suppressed but
+    # as class 1 it stays. Anchor 2 decodes to itself; its score 0.047 is under the threshold.
+    anchors = torch.tensor([[10.0, 10, 30, 50], [12.0, 10, 32, 50], [0.0, 0, 10, 10]])
+    deltas = torch.tensor([[0.5, -0.25, math.log(2), 0.0], [0.5, -0.25, math.log(2), 0.0], [0.0, 0, 0, 0]])
+    logits = torch.full((3, 2), -10.0)
+    logits[0, 0], logits[1, 0], logits[1, 1], logits[2, 1] = 2.0, 1.0, 0.0, -3.0
+    image_sizes = [(35, 45), (100, 100)]  # (h, w): the first clips the boxes, the second does not
+    dets = postprocess_detections(logits.expand(2, -1, -1), deltas.expand(2, -1, -1), anchors, [3], image_sizes,
+                                  score_thresh=0.05, topk_candidates=10, nms_thresh=0.5, detections_per_img=10)
+    expected_boxes = [[[10.0, 0, 45, 35], [12.0, 0, 45, 35]], [[10.0, 0, 50, 40], [12.0, 0, 52, 40]]]
+    for det, boxes in zip(dets, expected_boxes):
+        torch.testing.assert_close(det["boxes"], torch.tensor(boxes))
+        torch.testing.assert_close(det["scores"], torch.tensor([1 / (1 + math.exp(-2.0)), 0.5]))
+        assert det["labels"].tolist() == [0, 1]
 
 
 def test_threshold_filters_everything():

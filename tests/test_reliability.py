@@ -11,7 +11,7 @@ import torch
 
 import coco_dataset
 from test_ddp import first_batches
-from test_train import REPO, final_weights, kill_when, resume_and_check_position, run, train_command
+from test_train import REPO, final_weights, resume_and_check_position, run, run_killed_after_writing, train_command
 from utils.runtime.checkpoint import CheckpointError, find_resumable_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from utils.data.demo_data import generate_demo_dataset
 
@@ -47,12 +47,11 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("kill_at,where", [("checkpoint_e0000_i00000002", "mid-epoch"),
                                            ("checkpoint_e0001_i00000003", "after epoch 1")])
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_uninterrupted(kill_at, where, tiny_data, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(tiny_data, killed, *RESUME_ARGS), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: any(kill_at in c for c in list_checkpoints(str(killed))))
-    assert not (killed / "model_final.pth").exists(), "run finished before it could be killed"
+    run_killed_after_writing(train_command(tiny_data, killed, *RESUME_ARGS), kill_at)
+    assert not (killed / "model_final.pth").exists() and kill_at in list_checkpoints(str(killed))[0]
     state = resume_and_check_position(train_command(tiny_data, killed, *RESUME_ARGS, "--resume", "auto"), killed)
     assert state["iteration"] < 6 and state["rng"] is not None  # there was work left to resume
     resumed = final_weights(killed)
@@ -61,6 +60,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(kill_at, where, tiny_dat
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=f"{where}: {key}")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_loadable_checkpoint_and_exits_zero(tiny_data, tmp_path):
     proc = subprocess.Popen(train_command(tiny_data, tmp_path, "--epochs", "50"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -86,14 +86,22 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
     assert path.endswith("checkpoint_e0001_i00000010.pth") and state["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_resume_auto_continues_training(tiny_data, tmp_path):
     run(train_command(tiny_data, tmp_path, "--epochs", "2", "--checkpoint-every", "1", "--max-iters", "4"))
-    newest = list_checkpoints(str(tmp_path))[0]
+    newest, previous = list_checkpoints(str(tmp_path))[:2]
+    assert (load_checkpoint(newest)["iteration"], load_checkpoint(previous)["iteration"]) == (4, 3)
     with open(newest, "r+b") as f:
         f.truncate(64)
     result = run(train_command(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto"))
-    assert "skipping unusable checkpoint" in result.stdout + result.stderr
-    assert (tmp_path / "model_final.pth").exists()
+    output = result.stdout + result.stderr
+    assert "skipping unusable checkpoint" in output
+    # It goes on from the previous checkpoint (3 iterations an epoch), not from scratch: the log holds the
+    # first run's iterations 1-4, then the resumed run's 4-6, and the final weights are of iteration 6.
+    assert "resumed at epoch 1, batch 0, iteration 3" in output
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 4, 5, 6]
+    assert load_checkpoint(str(tmp_path / "model_final.pth"))["iteration"] == 6
 
 
 @pytest.fixture()
@@ -109,6 +117,7 @@ def data_with_corrupt_images(tmp_path):
     return str(root), bad
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted(data_with_corrupt_images, tmp_path):
     data, bad = data_with_corrupt_images
     result = run(train_command(data, tmp_path, "--epochs", "1", "--max-bad-images", "5", "--batch-size", "8"))
@@ -120,6 +129,7 @@ def test_corrupt_images_are_skipped_and_counted(data_with_corrupt_images, tmp_pa
     assert (tmp_path / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_too_many_corrupt_images_stop_with_clear_error(data_with_corrupt_images, tmp_path):
     data, bad = data_with_corrupt_images
     cmd = train_command(data, tmp_path, "--epochs", "1", "--max-bad-images", "1", "--batch-size", "8")
@@ -129,6 +139,7 @@ def test_too_many_corrupt_images_stop_with_clear_error(data_with_corrupt_images,
     assert all(name in result.stdout + result.stderr for name in bad)
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
     """The counters live in the checkpoint: a resumed run continues the bad-image count (and the
     --max-bad-images budget) where the killed one left it, instead of starting again at 0."""
@@ -140,11 +151,9 @@ def test_killed_run_keeps_counting_bad_images_after_resume(tmp_path):
         (root / "train" / name).write_bytes(b"not an image")
     args = ("--epochs", "2", "--checkpoint-every", "1", "--max-bad-images", "4")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(str(root), killed, *args), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: any("_i00000004" in c for c in list_checkpoints(str(killed))))
+    run_killed_after_writing(train_command(str(root), killed, *args), "_i00000004")
     at_kill = load_checkpoint(list_checkpoints(str(killed))[0])
-    assert at_kill["bad_images"] == 2 and at_kill["iteration"] < 12
+    assert at_kill["bad_images"] == 2 and at_kill["iteration"] == 4
     result = run(train_command(str(root), killed, *args, "--resume", "auto"))
     assert "2 bad images" in result.stdout + result.stderr  # the resume line reports the restored count
 

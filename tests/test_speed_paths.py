@@ -234,6 +234,7 @@ def test_per_level_postprocess_equals_concatenated():
             assert torch.equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import benchmark
@@ -250,6 +251,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert report["image_size"] == [64, 96] and report["recipe"] == "finetune"
 
 
+@pytest.mark.slow
 def test_data_benchmark_runs_end_to_end(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import data_benchmark

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -60,14 +59,34 @@ def final_weights(out):
     return load_checkpoint(os.path.join(out, "model_final.pth"))["model"]
 
 
-def kill_when(proc, predicate, timeout=300) -> None:
-    """SIGKILL ``proc`` as soon as ``predicate()`` holds; fails the test if it never does."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and not predicate():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert predicate(), "the awaited checkpoint never appeared before the deadline"
+# ``python -c KILL_AFTER_WRITING MARKER SCRIPT ARGS``: runs SCRIPT as ``python SCRIPT ARGS`` would, and the
+# process SIGKILLs itself as soon as a file whose name contains MARKER has been renamed into place (every
+# checkpoint is written to a temporary file and renamed, utils.runtime.atomic_io). The kill lands at that
+# point on any machine, however fast, instead of wherever a polling test happens to catch the run.
+KILL_AFTER_WRITING = """
+import os, runpy, signal, sys
+marker = sys.argv.pop(1)
+rename = os.replace
+
+def rename_then_die(source, destination, *args, **kwargs):
+    rename(source, destination, *args, **kwargs)
+    if marker in os.path.basename(os.fspath(destination)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = rename_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_killed_after_writing(command: list, marker: str) -> None:
+    """Run ``command`` (``[python, script, *args]``) until it has written the file named ``*marker*``, where
+    it is SIGKILLed; fails the test if the run ends any other way."""
+    python, script, *args = command
+    result = subprocess.run([python, "-c", KILL_AFTER_WRITING, marker, script, *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, (f"not killed after writing {marker} (exit {result.returncode}): "
+                                                  + result.stdout[-2000:] + result.stderr[-2000:])
 
 
 def resume_and_check_position(command, out_dir) -> dict:
@@ -80,6 +99,7 @@ def resume_and_check_position(command, out_dir) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
     cmd += train_command(tiny_data, tmp_path, "--epochs", "1", "--device", "cpu")[1:]
@@ -89,6 +109,7 @@ def test_torchrun_two_cpu_processes_agree(tiny_data, tmp_path):
     assert state["args"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_fine_tune_from_checkpoint_with_weights_flag(tiny_data, tmp_path):
     from model import build_retinanet
     from utils.runtime.checkpoint import save_checkpoint
@@ -156,6 +177,7 @@ def test_weights_with_a_contradicting_architecture_flag_name_it(giou_checkpoint)
                                 "--pretrained-backbone", "DEFAULT")
 
 
+@pytest.mark.slow
 def test_evaluation_script_on_a_trained_checkpoint_reproduces_the_training_evaluation(tiny_data, tmp_path):
     """``evaluation.py --checkpoint`` end to end: the model, the data path and the split come from the
     checkpoint alone, and the figures equal those train.py computed at the end of training."""

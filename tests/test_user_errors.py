@@ -171,6 +171,7 @@ def test_a_bug_keeps_its_traceback(train_runs):
     assert "ZeroDivisionError" in run.stderr and "coco_dataset.py" in run.stderr
 
 
+@pytest.mark.slow
 def test_fresh_subprocesses_match_the_forked_runs(cases, checkpoint, tmp_path):
     """The issue's example (unknown category_id) with a plain ``python train.py`` / ``python evaluation.py``."""
     (name, data, split, ann_file, message), = [case for case in cases if case[0] == "unknown category"]
