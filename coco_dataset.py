@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection, splits_hint
-from utils.runtime.errors import DatasetError, DatasetNotFoundError
 from utils.data.image_io import ImageReadError, read_image
 from utils.data.transforms import Compose, RandomHorizontalFlip  # noqa: F401  (part of this module's API)
+from utils.runtime.errors import DatasetError, DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from pycocotools.coco import COCO
 import coco_dataset
 from engine import evaluate, predict_coco_results, report_coco_metrics
 from model.weights import load_detector, read_weights
+from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
+from utils.data.loaders import build_eval_loader
+from utils.evaluation.coco_results import read_results_file
 from utils.runtime import distributed
 from utils.runtime.atomic_io import write_json_atomic
-from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
-from utils.evaluation.coco_results import read_results_file
 from utils.runtime.device import AMP_CHOICES, resolve_device
 from utils.runtime.errors import UserError, exit_on_user_error
-from utils.data.loaders import build_eval_loader
 from utils.runtime.logger import setup_logging
 
 logger = logging.getLogger("evaluation")

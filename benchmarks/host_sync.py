@@ -8,7 +8,7 @@ dependent). One such read per step keeps the GPU idle while the host catches up,
 - the non-finite guard: one read per step (a NaN / inf loss must never reach the weights);
 - the logging read-back: one read per loss term every ``print_freq`` steps.
 
-Two ways to count, used by ``tests/test_host_sync.py`` and ``benchmarks/gpu_check.py``:
+Two ways to count, used by ``tests/tools/test_host_sync.py`` and ``benchmarks/gpu_check.py``:
 
 - :class:`HostReadCounter` patches those ``torch.Tensor`` methods and records the repository
   line that triggered each call. It works on CPU, where no read really waits, so the test

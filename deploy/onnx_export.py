@@ -21,7 +21,7 @@ instead makes them data-dependent, which ``torch.export`` refuses (GuardOnDataDe
 in the first conv); it cannot produce opset 17 ("No Adapter To Version 17 for Pad", so it
 needs ``--opset 18``); and a tiny ResNet-18 export takes 35-55 s against 2-6 s here. The tracer
 records the float64 size arithmetic as ONNX ops and torchvision's NMS has its ONNX
-translation, so the traced graph matches PyTorch on every size (tests/test_export.py).
+translation, so the traced graph matches PyTorch on every size (tests/deploy/test_export.py).
 Switching exporters is the one line ``EXPORTER = "dynamo"`` (the graph code serves both).
 """
 import json
@@ -127,7 +127,7 @@ def run_exporter(module: torch.nn.Module, example: torch.Tensor, path: str, opse
         warnings.simplefilter("always")
         torch.onnx.export(module, (example,), path, dynamo=False, dynamic_axes=axes, do_constant_folding=True,
                           **names)
-    # The tracer warns about every Python value it sees; tests/test_export.py checks the graph on
+    # The tracer warns about every Python value it sees; tests/deploy/test_export.py checks the graph on
     # other sizes instead. Kept for --verbose runs.
     for warning in caught:
         logger.debug("exporter: %s", str(warning.message).splitlines()[0])

@@ -19,11 +19,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from deploy.ort_detector import OnnxDetector
-from utils.runtime.errors import InferenceError
 from utils.data.inputs import frames_file_name, image_loader, remove_if_empty
 from utils.evaluation.coco_results import CocoResultsWriter
 from utils.runtime.atomic_io import write_json_atomic
 from utils.runtime.device import autocast
+from utils.runtime.errors import InferenceError
 from utils.visual.video import VideoReadError, process_video
 from utils.visual.visualize import draw_detections, save_image
 

@@ -3,8 +3,8 @@
 This is not the code that trains. RetinaNet's loss runs the fused kernel
 ``ops/fused_focal_loss.py`` (:func:`ops.fused_focal_loss.focal_loss_from_labels`: the same
 loss summed against class labels, without one-hot targets, gradient computed in the forward
-pass). ``tests/test_speed_paths.py::test_focal_loss_from_labels_equals_plain_focal_loss``
-checks the kernel equal to this formula in value and gradient, and ``tests/test_focal_loss.py``
+pass). ``tests/model/test_speed_paths.py::test_focal_loss_from_labels_equals_plain_focal_loss``
+checks the kernel equal to this formula in value and gradient, and ``tests/losses/test_focal_loss.py``
 checks this formula against ``torchvision.ops.sigmoid_focal_loss``. The figures and analysis
 tools (``tools/plot_focal_loss.py``, ``tools/loss_distribution.py``) call it directly.
 """

@@ -14,7 +14,7 @@ shape, the IoU with a box only falls as the centres move apart along x or along 
 so on every level and for every cell anchor the best location is the grid point
 nearest the box centre (clamped to the map). That gives ``levels x anchors per
 location`` candidates per box (45 for the paper's settings), scored with one batched
-``box_iou``: COCO train2017's 860k boxes take seconds, and ``tests/test_anchor_coverage.py``
+``box_iou``: COCO train2017's 860k boxes take seconds, and ``tests/model/test_anchor_coverage.py``
 checks the result against the full grid.
 
 Boxes are ``FloatTensor[G, 4]`` absolute ``x1, y1, x2, y2`` in the pixels of their own

@@ -122,8 +122,8 @@ class RetinaNet(nn.Module):
         """Choose how this model runs on ``device`` (default: where its parameters are), in place.
 
         None of this changes the parameters, the state dict or the outputs beyond float
-        rounding, and none of it is saved in a checkpoint (``tests/test_speed_paths.py``,
-        ``tests/test_winograd.py``; figures in benchmarks/README.md):
+        rounding, and none of it is saved in a checkpoint (``tests/model/test_speed_paths.py``,
+        ``tests/model/test_winograd.py``; figures in benchmarks/README.md):
 
         - fold_batchnorm: BatchNorm with fixed statistics (frozen, or in eval mode) is applied
           by scaling the conv weights, and on CPU the trunk picks its faster memory layouts

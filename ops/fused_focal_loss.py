@@ -4,9 +4,9 @@
 :func:`focal_loss_from_labels`; nothing in training calls the paper's formula itself.
 That formula, written as the paper gives it, is ``losses/focal_loss.py``
 (:func:`losses.focal_loss.sigmoid_focal_loss`, itself checked against
-``torchvision.ops.sigmoid_focal_loss`` in ``tests/test_focal_loss.py``). The two are checked
+``torchvision.ops.sigmoid_focal_loss`` in ``tests/losses/test_focal_loss.py``). The two are checked
 equal, value and gradient, against one-hot targets summed over the valid rows, by
-``tests/test_speed_paths.py::test_focal_loss_from_labels_equals_plain_focal_loss`` (CPU,
+``tests/model/test_speed_paths.py::test_focal_loss_from_labels_equals_plain_focal_loss`` (CPU,
 chunked and not); on a GPU, ``benchmarks/gpu_correctness.py`` checks it against torchvision's.
 """
 import torch
@@ -26,7 +26,7 @@ def focal_loss_from_labels(logits: Tensor, labels: Tensor, valid: Tensor, *, alp
 
     Returns the fp32 scalar
     ``(sigmoid_focal_loss(logits, one_hot(labels) * (labels >= 0), alpha, gamma) * valid[..., None]).sum()``
-    with the same gradient (checked in ``tests/test_speed_paths.py``).
+    with the same gradient (checked in ``tests/model/test_speed_paths.py``).
 
     Why it is faster: nearly all of the ``A x K`` terms have target 0, where the loss is
     ``(1 - alpha) p^gamma softplus(x)``. That term is computed for every element and the

@@ -7,8 +7,11 @@ import pytest
 import torch
 from hypothesis import settings
 
-# Tests import the repository's top-level modules (train, coco_dataset, ...) directly.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tests import the repository's top-level modules (train, coco_dataset, ...) directly, and the
+# helpers beside this file (forked_scripts, onnx_models, gloo_ranks) from any test folder.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS_DIR)
+sys.path.insert(0, os.path.dirname(TESTS_DIR))
 # Two cores: more threads only fight each other.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Property-based tests draw the same examples on every run (a failure reproduces, CI is stable).

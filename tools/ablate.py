@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the ablation_* modul
 
 import torch  # noqa: E402
 
-import coco_dataset  # noqa: E402
 from ablation_grids import GRIDS, cell_flags, cell_label, cell_slug, combine, grid_cells, parse_set  # noqa: E402
 from ablation_report import write_report  # noqa: E402
+import coco_dataset  # noqa: E402
 from model.weights import load_detector, read_weights  # noqa: E402
 from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402

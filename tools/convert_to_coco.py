@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 import coco_dataset  # noqa: E402
-from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.data.coco_annotations import parse_coco_detection  # noqa: E402
 from utils.data.formats.common import ConversionError, Problems, read_class_list, to_coco  # noqa: E402
 from utils.data.formats.csv_rows import read_csv  # noqa: E402
 from utils.data.formats.voc import DIFFICULT_CHOICES, read_voc  # noqa: E402
 from utils.data.formats.yolo import read_yolo  # noqa: E402
+from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.errors import exit_on_user_error  # noqa: E402
 from utils.runtime.logger import setup_logging  # noqa: E402
 

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import coco_dataset  # noqa: E402
 from losses.focal_loss import sigmoid_focal_loss  # noqa: E402
 from model.weights import load_detector, read_weights  # noqa: E402
+from utils.boxes.matcher import BACKGROUND  # noqa: E402
+from utils.data.image_io import ImageReadError  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.device import resolve_device  # noqa: E402
 from utils.runtime.errors import ConfigError, UserError, exit_on_user_error  # noqa: E402
-from utils.data.image_io import ImageReadError  # noqa: E402
-from utils.boxes.matcher import BACKGROUND  # noqa: E402
 from utils.visual.plotting import figure_class  # noqa: E402
 
 

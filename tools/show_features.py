@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.weights import load_detector  # noqa: E402
+from utils.data.image_io import ImageReadError, read_image  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.data.image_io import ImageReadError, read_image  # noqa: E402
 from utils.visual.plotting import figure_class  # noqa: E402
 
 

@@ -11,7 +11,7 @@ palettes, handles 16-bit PNGs and applies the EXIF orientation. Everything else
 (BMP, WebP, GIF, TIFF, ...), PNGs with colour-key transparency (which
 torchvision ignores) and any JPEG/PNG torchvision refuses (12-bit or
 arithmetic-coded JPEG, ...) goes through PIL with ``ImageOps.exif_transpose``.
-Both paths are checked against a PIL reference in ``tests/test_image_io.py``.
+Both paths are checked against a PIL reference in ``tests/data/test_image_io.py``.
 
 Alpha: composited onto white rather than dropped. Transparent pixels usually
 store arbitrary colour (often black) under alpha 0, so dropping alpha turns a

@@ -23,9 +23,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.runtime.atomic_io import write_json_atomic  # noqa: F401 - re-exported for callers
 from utils.boxes.box_ops import box_xyxy_to_xywh
 from utils.data.coco_annotations import build_coco_index
+from utils.runtime.atomic_io import write_json_atomic  # noqa: F401 - re-exported for callers
 
 # Order of ``COCOeval.stats``, with the description summarize() prints beside each.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")

@@ -14,8 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from utils.runtime.atomic_io import write_json_atomic
 from utils.evaluation.coco_eval import predictions_to_coco_results
+from utils.runtime.atomic_io import write_json_atomic
 from utils.runtime.errors import UserError
 
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")

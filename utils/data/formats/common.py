@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from utils.runtime.errors import UserError
 from utils.data.image_io import is_image_file
+from utils.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 

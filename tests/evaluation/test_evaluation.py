@@ -21,10 +21,10 @@ import coco_dataset
 from engine import evaluate
 from gloo_ranks import run_on_ranks
 from utils.data.loaders import build_eval_loader, collate_eval
-from utils.runtime.atomic_io import write_json_atomic
 from utils.evaluation.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
+from utils.runtime.atomic_io import write_json_atomic
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Three images 200x150; image 3 has no annotations. Boxes are COCO xywh; their sizes
 # cover COCO's small (< 32^2), medium and large (> 96^2) area ranges.

@@ -17,12 +17,12 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils.runtime.errors import InferenceError
 from utils.data.inputs import list_images, make_output_dir, output_names
 from utils.runtime.checkpoint import save_checkpoint
+from utils.runtime.errors import InferenceError
 from utils.visual import visualize
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CATEGORIES = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
 # name -> size (width, height) of the image as displayed, i.e. after EXIF orientation
 VALID_IMAGES = {"photo.jpg": (96, 64), "alpha.png": (80, 60), "gray.bmp": (70, 50), "rotated.jpg": (80, 40)}

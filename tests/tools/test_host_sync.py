@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import host_sync  # noqa: E402
 from model import build_retinanet  # noqa: E402
@@ -47,7 +47,7 @@ def test_host_read_counter_sees_each_kind_of_read_and_its_line():
         x[1:3]            # a slice is not a read
     methods = [read.method for read in counter.reads]
     assert methods == ["item", "__float__", "__bool__", "tolist", "__getitem__[bool mask]"]
-    assert all(read.file == "tests/test_host_sync.py" and read.kind == "unexpected" for read in counter.reads)
+    assert all(read.file == "tests/tools/test_host_sync.py" and read.kind == "unexpected" for read in counter.reads)
     assert "x.sum().item()" in counter.reads[0].source
     # Patches removed: torch.Tensor's own attributes are exactly what they were, and reads work untracked.
     assert {name: torch.Tensor.__dict__.get(name) for name in own_methods} == own_methods

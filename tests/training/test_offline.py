@@ -17,8 +17,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from model.backbone import ResNetBackbone
 from model.weights import read_weights
 from test_train import REPO, TINY_MODEL
-from utils.runtime.checkpoint import CheckpointError
 from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.checkpoint import CheckpointError
 from utils.runtime.errors import ConfigError, UserError, exit_on_user_error
 from utils.runtime.hub import WeightsUnavailableError, hub_cache_dir, weights_file_name
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {"tests", ".git", "data", "output", "outputs", "venv", ".venv", "__pycache__", "inference_output"}
 
 

@@ -12,8 +12,8 @@ import torch
 import coco_dataset
 from test_ddp import first_batches
 from test_train import REPO, final_weights, resume_and_check_position, run, run_killed_after_writing, train_command
-from utils.runtime.checkpoint import CheckpointError, find_resumable_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.checkpoint import CheckpointError, find_resumable_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 import evaluation
 import inference
 from model import build_retinanet
-from utils.runtime.checkpoint import save_checkpoint
 from utils.evaluation.coco_results import CocoResultsWriter, ResultsFileError, image_ids_for_files, read_results_file
+from utils.runtime.checkpoint import save_checkpoint
 from utils.runtime.errors import UserError
 
 CATEGORIES = [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}]  # ids non-contiguous, not sorted

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import FrozenBatchNorm2d
 
-import ops.fused_focal_loss as fused_focal_loss_module
 from losses.focal_loss import sigmoid_focal_loss
 from losses.retinanet_loss import RetinaNetLoss
 from model import build_retinanet
 from model.postprocess import postprocess_detections
+import ops.fused_focal_loss as fused_focal_loss_module
 from ops.fused_focal_loss import focal_loss_from_labels
 
 SMALL = dict(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, min_size=64, max_size=64)
@@ -236,7 +236,7 @@ def test_per_level_postprocess_equals_concatenated():
 
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import benchmark
 
     output = tmp_path / "bench.json"
@@ -253,7 +253,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_data_benchmark_runs_end_to_end(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import data_benchmark
     from utils.data.demo_data import ensure_demo_dataset
 

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from model import build_retinanet
-from utils.runtime.checkpoint import save_checkpoint
 from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.checkpoint import save_checkpoint
 from utils.runtime.errors import exit_on_user_error
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="resnet18", fpn_channels=32, head_convs=1, head_norm="gn", num_extra_levels=1,
             anchor_base_sizes=(16, 32, 64, 128), min_size=64, max_size=64)
 

@@ -12,12 +12,12 @@ from PIL import Image
 from utils.data.demo_data import generate_demo_dataset
 from utils.runtime.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 import ablation_grids  # noqa: E402
-import ablation_report  # noqa: E402
 from ablation_grids import GRIDS, cell_flags, cell_label, cell_slug, combine, parse_set  # noqa: E402
+import ablation_report  # noqa: E402
 
 
 def load_ablate():

@@ -14,11 +14,11 @@ import onnxruntime
 import pytest
 import torch
 
-import export
 from deploy.graph import DeployableRetinaNet, _resized_size
 from deploy.onnx_export import DEFAULT_OPSET, export_onnx, sidecar_path
 from deploy.ort_detector import OnnxDetector, OnnxInputError
 from deploy.verify import compare_detections, verification_images, verify
+import export
 from model import build_retinanet
 from model.torchvision_compat import COCO_CATEGORIES
 from model.transform import ImageBatcher

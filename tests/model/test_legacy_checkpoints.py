@@ -17,7 +17,7 @@ from model import build_retinanet, load_detector
 from model.config import LEGACY_EXECUTION_KEYS
 from utils.runtime.checkpoint import save_checkpoint
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "legacy_checkpoints.json").read_text())
+FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "legacy_checkpoints.json").read_text())
 
 
 def deterministic_state(template: dict) -> dict:

@@ -10,10 +10,10 @@ import torch
 import torch.multiprocessing as mp
 
 from model import build_retinanet
-from utils.training.amp_check import check_amp
 from utils.data.demo_data import generate_demo_dataset
+from utils.training.amp_check import check_amp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class StubDetector(torch.nn.Module):

@@ -11,8 +11,8 @@ from model import RetinaNet, build_retinanet
 from model.anchors import default_anchor_sizes
 from model.config import ModelConfig
 from recipes import get_args_parser, resolve_config
-from utils.runtime.errors import ConfigError
 from utils.boxes.matcher import IGNORE
+from utils.runtime.errors import ConfigError
 
 TINY = dict(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, head_norm="gn", num_extra_levels=1,
             anchor_base_sizes=(16, 32, 64, 128), min_size=64, max_size=64)

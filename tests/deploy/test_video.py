@@ -10,8 +10,8 @@ from PIL import Image
 
 import inference
 from model import build_retinanet
-from utils.runtime.errors import InferenceError
 from utils.runtime.checkpoint import save_checkpoint
+from utils.runtime.errors import InferenceError
 from utils.visual import video
 
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 65, 49, 12, 24  # 2 s

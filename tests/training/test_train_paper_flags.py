@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from recipes import get_args_parser, resolve_config
-from utils.runtime.checkpoint import load_checkpoint
 from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.checkpoint import load_checkpoint
 from utils.runtime.errors import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--train-split", "train", "--val-split", "val", "--workers", "0", "--batch-size", "4", "--print-freq", "1",
         "--num-threads", "1", "--backbone", "resnet18", "--pretrained-backbone", "none", "--fpn-channels", "32",
         "--head-convs", "1", "--head-norm", "gn", "--num-extra-levels", "1", "--anchor-base-sizes", "16", "32", "64",

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from model.config import LEGACY_EXECUTION_KEYS
-from utils.runtime.checkpoint import list_checkpoints, load_checkpoint
 from utils.data.demo_data import generate_demo_dataset
+from utils.runtime.checkpoint import list_checkpoints, load_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_MODEL = ["--backbone", "resnet18", "--pretrained-backbone", "none", "--fpn-channels", "32",
               "--head-convs", "1", "--head-norm", "gn", "--num-extra-levels", "1",
               "--anchor-base-sizes", "16", "32", "64", "128", "--min-size", "64", "--max-size", "64"]

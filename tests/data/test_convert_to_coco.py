@@ -18,7 +18,7 @@ import coco_dataset
 from utils.data.formats.common import ConversionError
 from utils.data.formats.yolo import parse_yaml_names
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_TRAIN = ["--recipe", "demo", "--train-split", "train", "--val-split", "train", "--max-iters", "2",
               "--batch-size", "2", "--workers", "0", "--backbone", "resnet18", "--fpn-channels", "16",
               "--head-convs", "1", "--min-size", "64", "--max-size", "64", "--num-threads", "1", "--print-freq", "1"]
