@@ -1,7 +1,8 @@
 """The docs cannot rot: every command in README.md and docs/*.md names a script that exists and
 flags that script's ``--help`` lists, and every relative link and image path resolves.
 
-Commands are read from fenced shell blocks (```bash, ```sh, ```shell, ```console). A command
+Commands are read from fenced shell blocks (```bash, ```sh, ```shell, ```console) and from code
+spans in the prose that start with ``python`` or ``torchrun``. A command
 runs a repository script when it is ``python X.py ...``, ``python -m pkg.mod ...`` (a module of
 this repository; ``python -m pytest`` and other installed modules are not ours to check) or
 ``torchrun [its own options] X.py ...``. Each distinct script's ``--help`` is read once: one
@@ -125,16 +126,34 @@ def repository_script(tokens: list):
     return None
 
 
+def inline_commands(text: str):
+    """``(line number, command)`` of each code span in the prose that starts with python or torchrun."""
+    fence = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip().startswith("```"):
+            fence = not fence
+        elif not fence:
+            for span in re.findall(r"`([^`]+)`", line):
+                if re.match(r"^(python3?|torchrun) ", span):
+                    yield number, span
+
+
 def documented_commands() -> list:
+    """``(where, kind, name, arguments)`` of each command that runs this repository's code: those of
+    the shell blocks, and those written inline in the prose (`python tools/plot_focal_loss.py`)."""
     found = []
     for doc in doc_files():
-        for language, start, lines in fenced_blocks(doc.read_text()):
-            if language not in SHELL_LANGUAGES:
-                continue
-            for number, tokens in shell_commands(language, start, lines):
-                script = repository_script(tokens)
-                if script is not None:
-                    found.append((f"{doc.relative_to(REPO).as_posix()}:{number}", *script))
+        text = doc.read_text()
+        commands = []
+        for language, start, lines in fenced_blocks(text):
+            if language in SHELL_LANGUAGES:
+                commands += shell_commands(language, start, lines)
+        for number, span in inline_commands(text):
+            commands += shell_commands("bash", number, [span])
+        for number, tokens in commands:
+            script = repository_script(tokens)
+            if script is not None:
+                found.append((f"{doc.relative_to(REPO).as_posix()}:{number}", *script))
     return found
 
 
