@@ -266,7 +266,7 @@ def test_commands_name_existing_scripts_and_their_flags(tmp_path):
 
 def github_anchor(heading: str) -> str:
     """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"`|\*\*|\*|_(?=\W)|(?<=\W)_", "", heading.strip().lower())
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
@@ -346,6 +346,15 @@ def test_console_blocks_read_only_prompt_lines():
 ])
 def test_repository_scripts_are_recognised(tokens, expected):
     assert repository_script(tokens) == expected
+
+
+@pytest.mark.parametrize("heading,anchor", [
+    ("Which recipe: `--recipe coco` or `--recipe demo`", "which-recipe---recipe-coco-or---recipe-demo"),
+    ("Deploy: ONNX and ONNX Runtime", "deploy-onnx-and-onnx-runtime"),
+    ("The `__init__.py` of **model/**", "the-__init__py-of-model"),
+])
+def test_github_anchors(heading, anchor):
+    assert github_anchor(heading) == anchor
 
 
 def test_flags_with_values_and_optional_brackets():
