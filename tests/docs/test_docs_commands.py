@@ -15,7 +15,6 @@ import re
 import shlex
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -223,8 +222,8 @@ print(json.dumps(results))
 """
 
 
-@lru_cache(maxsize=None)
 def help_texts(scripts: tuple, out_dir: str) -> dict:
+    """``{"kind:name": [exit code, --help output]}`` for each script, read in one subprocess."""
     process = subprocess.run(
         [sys.executable, "-c", _HELP_RUNNER, str(REPO), out_dir, json.dumps(scripts)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
