@@ -1,5 +1,5 @@
 """export.py and inference.py --onnx end to end: the same detections.json as --checkpoint, bad inputs as one
-line, the README's onnxruntime-only snippet, execution providers and the ONNX benchmark at a toy size."""
+line, docs/deploy.md's onnxruntime-only snippet, execution providers and the ONNX benchmark at a toy size."""
 import json
 import re
 import shutil
@@ -126,9 +126,9 @@ def test_bad_inputs_stop_with_one_line(plain, tmp_path):
 
 
 def readme_snippet() -> str:
-    """The Python block of the README's Deploy section, as written there."""
-    readme = (Path(REPO) / "README.md").read_text()
-    section = readme.split("\n## Deploy", 1)[1].split("\n## ", 1)[0]
+    """The Python block of docs/deploy.md (running the file without this repository), as written there."""
+    page = (Path(REPO) / "docs" / "deploy.md").read_text()
+    section = page.split("\n## Running the file without this repository", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
