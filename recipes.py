@@ -32,7 +32,7 @@ RECIPES = {
         batch_size=16, optimizer="sgd", weight_decay=1e-4, schedule="1x",
         warmup_iters=1000, eval_interval=4, output_dir="output/coco",
     ),
-    # Each choice is there to learn fast on 2 CPU cores from random init (README "Demo"):
+    # Each choice is there to learn fast on 2 CPU cores from random init (docs/training.md, "The demo"):
     # images trained at 128 px (the 160 px data resized: 1.56x fewer pixels), P3-P6 only
     # with anchors 16..203 px (objects are 10-110 px at that size, so P7 would be 1x1),
     # a 128-channel FPN with 2-conv GroupNorm heads (GN: batch statistics of 8 tiny images
@@ -302,7 +302,7 @@ def _add_model_options(group) -> None:
                        help=option_help("min_size", "shorter side; several values = multi-scale training"))
     group.add_argument("--max-size", type=int, help=option_help("max_size", "longer side cap"))
     group.add_argument("--box-loss", choices=["smooth_l1", "l1", "giou"], help=option_help("box_loss", "box loss"))
-    # The paper's Table 1 knobs (README "Reproducing the paper"; tools/ablate.py runs the grids).
+    # The paper's Table 1 knobs (docs/reproducing_the_paper.md; tools/ablate.py runs the grids).
     group.add_argument("--cls-loss", dest="cls_loss", choices=list(CLS_LOSSES), help=option_help(
         "cls_loss", "classification loss: focal (eq. 5); ce: sigmoid cross-entropy, no alpha; balanced-ce: "
         "alpha-balanced CE (eq. 3, --focal-alpha); ohem: CE over the hardest anchors per image (--ohem-*)"))

@@ -32,7 +32,7 @@ from utils.data.loaders import build_train_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (--device cpu): ran CPU against CPU at toy size, which tests this script, not CUDA"
-CPU_DEMO_REFERENCE = "README: demo recipe on 2 CPU cores, AP 0.441 / AP50 0.661 in 10 min 22 s"
+CPU_DEMO_REFERENCE = "docs/training.md: demo recipe on 2 CPU cores, AP 0.441 / AP50 0.661 in 10 min 22 s"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""gpu_check.json -> the markdown summary ``gpu_check.md`` (tables a reader can paste into the README)."""
+"""gpu_check.json -> the markdown summary ``gpu_check.md`` (tables a reader can paste into docs/performance.md)."""
 
 
 def _fmt(value, digits: int = 2) -> str:
