@@ -1,0 +1,218 @@
+"""An exported RetinaNet (``deploy.onnx_export``) to a statically quantized INT8 ``.onnx``.
+
+ONNX Runtime's own tooling (``onnxruntime.quantization.quantize_static``) in QDQ format:
+weights int8 per output channel, activations uint8 per tensor, their ranges calibrated
+by running the float graph on real images (:class:`ImageCalibrationReader`) with one of
+``CALIBRATION_METHODS``. At load time ONNX Runtime fuses each ``DequantizeLinear -> Conv ->
+QuantizeLinear`` into one ``QLinearConv``, which is where the speed comes from.
+
+What stays float, by node name (the exporter names a node after the module that ran it,
+``/backbone/body/layer1/layer1.0/conv1/Conv``; the pre- and post-processing that
+``deploy.graph.DeployableRetinaNet.forward`` does itself are top-level nodes, ``/Resize``):
+
+- the resize and normalisation at the input, the box decoding, clipping, top-k and NMS:
+  every top-level node is left alone; only nodes inside the network's modules are candidates;
+- ``keep_float`` patterns among those, by default the heads' last convs (``cls_logits``,
+  ``bbox_pred``): their outputs are the logits and box deltas themselves, whose rounding
+  moves scores and boxes directly (docs: measured on the demo model).
+
+The INT8 file carries the float file's metadata (categories, sizes, thresholds) plus
+``quantization`` (JSON: format, method, calibration image count, nodes kept float), in the
+graph and in the ``.json`` sidecar, so ``OnnxDetector`` and ``inference.py --onnx`` run it as
+they run the float one.
+"""
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+
+from deploy.onnx_export import sidecar_path
+from utils.data.image_io import ImageReadError, read_image
+from utils.runtime.atomic_io import write_json_atomic
+from utils.runtime.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                       "entropy": CalibrationMethod.Entropy}
+DEFAULT_KEEP_FLOAT = ("cls_logits", "bbox_pred")
+PERCENTILE = 99.999  # of |activation| for --calibration-method percentile
+QUANTIZED_OP_TYPES = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul",
+                      "MatMulInteger", "DynamicQuantizeLinear"}
+# metadata_props values that deploy.onnx_export wrote as JSON (the others are plain strings)
+JSON_METADATA = ("categories", "model_config", "quantization", "score_thresh", "nms_thresh", "detections_per_img",
+                 "opset")
+IMAGES_PER_COLLECT = 8  # calibration outputs held in memory at once (every activation of every image)
+
+
+class QuantizationError(UserError):
+    """An input that cannot be quantized: not an ONNX file, already quantized, no calibration images."""
+
+
+def load_float_model(path) -> onnx.ModelProto:
+    """The float export at ``path``; QuantizationError if it is not an ONNX file or is quantized already."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise QuantizationError(f"{path}: no such file")
+    try:
+        proto = onnx.load(path)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError, onnx others
+        raise QuantizationError(f"{path} is not an ONNX model ({type(exc).__name__}); give a .onnx written by "
+                                f"export.py") from None
+    if not len(proto.graph.node):
+        raise QuantizationError(f"{path} is not an ONNX model (no graph); give a .onnx written by export.py")
+    quantized = sorted({node.op_type for node in proto.graph.node} & QUANTIZED_OP_TYPES)
+    if quantized:
+        raise QuantizationError(f"{path} is already quantized ({', '.join(quantized)} nodes); quantize the float "
+                                f"export instead")
+    return proto
+
+
+def network_nodes(proto: onnx.ModelProto, keep_float=DEFAULT_KEEP_FLOAT) -> tuple:
+    """``(names to quantize, names kept float)``: the nodes inside the backbone/FPN/head modules
+    (names with a module path, ``/fpn/output_convs.0/Conv``), minus those whose name contains a
+    ``keep_float`` pattern. Top-level nodes (``/Resize``, ``/NonMaxSuppression``) are in neither."""
+    quantize, kept = [], []
+    for node in proto.graph.node:
+        if not node.name.startswith("/") or node.name.count("/") < 2:
+            continue  # pre/post-processing of DeployableRetinaNet.forward, or an exporter constant
+        (kept if any(pattern in node.name for pattern in keep_float) else quantize).append(node.name)
+    return quantize, kept
+
+
+def fold_weight_identities(proto: onnx.ModelProto) -> None:
+    """Feed initializers straight to their consumers instead of through ``Identity`` nodes.
+
+    The exporter routes a parameter shared by several calls (the heads run once per pyramid
+    level) through ``Identity`` nodes; the quantizer only quantizes a conv bias that is an
+    initializer, and a float bias keeps ONNX Runtime from fusing the conv into QLinearConv.
+    """
+    initializers = {tensor.name for tensor in proto.graph.initializer}
+    alias, kept = {}, []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            alias[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    graph_outputs = {output.name for output in proto.graph.output}
+    if graph_outputs & set(alias):
+        return  # never rewire a graph output (not the case for export.py's graphs)
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in alias:
+                node.input[index] = alias[name]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+
+
+class ImageCalibrationReader(CalibrationDataReader):
+    """The calibration images, one ``{"image": uint8 [3, H, W]}`` feed each, as the graph takes them.
+
+    Unreadable files are skipped with a warning (counted in ``num_skipped``); with ``fixed_size``
+    (a --fixed-size export) each image is resized to it first, as a user of that file must.
+    ``set_range`` lets ``quantize_static`` (``CalibStridedMinMax``) collect a few images at a time.
+    """
+
+    def __init__(self, paths: list, fixed_size=None):
+        self.fixed_size, self.paths = fixed_size, []
+        for path in paths:  # read once here: quantize_static fails on a stride of unreadable images
+            try:
+                read_image(path)
+                self.paths.append(path)
+            except ImageReadError as exc:
+                logger.warning("calibration: skipped %s", exc)
+        self.num_skipped = len(paths) - len(self.paths)
+        self.set_range(0, len(self.paths))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pending = iter(self.paths[start_index:end_index])
+
+    def get_next(self):
+        for path in self._pending:
+            image = read_image(path)
+            if self.fixed_size is not None and tuple(image.shape[1:]) != tuple(self.fixed_size):
+                image = F.interpolate(image[None].float(), size=tuple(self.fixed_size), mode="bilinear",
+                                      align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+            return {"image": np.ascontiguousarray(image.numpy())}
+        return None
+
+
+def _stride(count: int) -> int:
+    """The largest divisor of ``count`` up to IMAGES_PER_COLLECT (quantize_static needs one)."""
+    return max(d for d in range(1, min(count, IMAGES_PER_COLLECT) + 1) if count % d == 0)
+
+
+def quantize_int8(float_path, int8_path, calibration_paths: list, method: str = "minmax",
+                  keep_float=DEFAULT_KEEP_FLOAT) -> dict:
+    """Write the INT8 version of the float export ``float_path`` to ``int8_path`` (and its sidecar).
+
+    Args:
+        calibration_paths: image files whose activations set the ranges (a few hundred are plenty).
+        method: a key of ``CALIBRATION_METHODS``.
+        keep_float: node-name patterns of network nodes to leave in float (see the module docstring).
+
+    Returns:
+        the metadata written, ``quantization`` included.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise QuantizationError(f"calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+    if not calibration_paths:
+        raise QuantizationError("no calibration images")
+    proto = load_float_model(float_path)
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    size = metadata.get("input_size", "dynamic")
+    fixed_size = tuple(int(s) for s in size.split()) if size != "dynamic" else None
+    fold_weight_identities(proto)
+    to_quantize, kept = network_nodes(proto, keep_float)
+    if not any(node.op_type == "Conv" and node.name in set(to_quantize) for node in proto.graph.node):
+        raise QuantizationError(f"{float_path}: no convolution left to quantize (is it a detector exported by "
+                                f"export.py? --int8-keep-float {' '.join(keep_float)} keeps too much?)")
+    reader = ImageCalibrationReader(calibration_paths, fixed_size)
+    if not len(reader):
+        raise QuantizationError(f"none of the {len(calibration_paths)} calibration images could be read")
+    folder = os.path.dirname(os.path.abspath(int8_path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".quantize.") as work:
+        prepared = os.path.join(work, "float.onnx")
+        onnx.save(proto, prepared)
+        quantized = os.path.join(work, "int8.onnx")
+        extra_options = {"CalibStridedMinMax": _stride(len(reader)), "CalibPercentile": PERCENTILE}
+        root_logger = logging.getLogger()
+        level = root_logger.level  # the quantizer warns through the root logger about every shared bias
+        root_logger.setLevel(max(level, logging.ERROR))
+        try:
+            quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CALIBRATION_METHODS[method], nodes_to_quantize=to_quantize,
+                            extra_options=extra_options)
+        finally:
+            root_logger.setLevel(level)
+        result = onnx.load(quantized)
+        quantization = {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor",
+                        "method": method, "calibration_images": len(reader),
+                        "quantized_nodes": len(to_quantize), "kept_float": list(keep_float),
+                        "kept_float_nodes": len(kept)}
+        metadata["quantization"] = json.dumps(quantization)
+        del result.metadata_props[:]
+        for key, value in metadata.items():
+            entry = result.metadata_props.add()
+            entry.key, entry.value = key, value
+        result.doc_string = proto.doc_string + " (INT8, QDQ)"
+        onnx.save(result, quantized)
+        os.replace(quantized, int8_path)
+    decoded = {key: json.loads(value) if key in JSON_METADATA else value for key, value in metadata.items()}
+    write_json_atomic(sidecar_path(int8_path), decoded)
+    logger.info("quantized %d network nodes (%d kept float: %s) with %s calibration on %d images (%d skipped)",
+                len(to_quantize), len(kept), ", ".join(keep_float) or "none", method, len(reader),
+                reader.num_skipped)
+    return decoded
