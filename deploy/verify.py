@@ -115,7 +115,9 @@ def agreement(reference: dict, candidate: dict, top_k: int = TOP_K, iou_threshol
     ref_boxes, ref_scores, ref_labels = ref_boxes[:top_k], ref_scores[:top_k], ref_labels[:top_k]
     score_diffs = []
     if len(ref_scores) and len(cand_scores):
-        iou = box_iou(torch.from_numpy(ref_boxes), torch.from_numpy(cand_boxes)).numpy()
+        iou = np.nan_to_num(box_iou(torch.from_numpy(ref_boxes), torch.from_numpy(cand_boxes)).numpy())
+        # A box clipped to zero width has no IoU with anything, itself included: equal boxes match.
+        iou[np.abs(ref_boxes[:, None] - cand_boxes[None]).max(-1) < 1e-3] = 1.0
         iou[ref_labels[:, None] != cand_labels[None, :]] = -1.0
         for i in range(len(ref_scores)):
             j = int(iou[i].argmax())
