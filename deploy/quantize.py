@@ -115,31 +115,34 @@ def fold_weight_identities(proto: onnx.ModelProto) -> None:
 class ImageCalibrationReader(CalibrationDataReader):
     """The calibration images, one ``{"image": uint8 [3, H, W]}`` feed each, as the graph takes them.
 
-    Unreadable files are skipped with a warning (counted in ``num_skipped``); with ``fixed_size``
-    (a --fixed-size export) each image is resized to it first, as a user of that file must.
+    ``images``: file paths or ``uint8 [3, H, W]`` tensors. Unreadable files are skipped with a
+    warning (counted in ``num_skipped``); with ``fixed_size`` (a --fixed-size export) each image
+    is resized to it first, as a user of that file must.
     ``set_range`` lets ``quantize_static`` (``CalibStridedMinMax``) collect a few images at a time.
     """
 
-    def __init__(self, paths: list, fixed_size=None):
-        self.fixed_size, self.paths = fixed_size, []
-        for path in paths:  # read once here: quantize_static fails on a stride of unreadable images
-            try:
-                read_image(path)
-                self.paths.append(path)
-            except ImageReadError as exc:
-                logger.warning("calibration: skipped %s", exc)
-        self.num_skipped = len(paths) - len(self.paths)
-        self.set_range(0, len(self.paths))
+    def __init__(self, images: list, fixed_size=None):
+        self.fixed_size, self.images = fixed_size, []
+        for image in images:  # read once here: quantize_static fails on a stride of unreadable images
+            if isinstance(image, (str, os.PathLike)):
+                try:
+                    read_image(image)
+                except ImageReadError as exc:
+                    logger.warning("calibration: skipped %s", exc)
+                    continue
+            self.images.append(image)
+        self.num_skipped = len(images) - len(self.images)
+        self.set_range(0, len(self.images))
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._pending = iter(self.paths[start_index:end_index])
+        self._pending = iter(self.images[start_index:end_index])
 
     def get_next(self):
-        for path in self._pending:
-            image = read_image(path)
+        for image in self._pending:
+            image = read_image(image) if isinstance(image, (str, os.PathLike)) else torch.as_tensor(image)
             if self.fixed_size is not None and tuple(image.shape[1:]) != tuple(self.fixed_size):
                 image = F.interpolate(image[None].float(), size=tuple(self.fixed_size), mode="bilinear",
                                       align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
@@ -152,12 +155,13 @@ def _stride(count: int) -> int:
     return max(d for d in range(1, min(count, IMAGES_PER_COLLECT) + 1) if count % d == 0)
 
 
-def quantize_int8(float_path, int8_path, calibration_paths: list, method: str = "minmax",
+def quantize_int8(float_path, int8_path, calibration_images: list, method: str = "minmax",
                   keep_float=DEFAULT_KEEP_FLOAT) -> dict:
     """Write the INT8 version of the float export ``float_path`` to ``int8_path`` (and its sidecar).
 
     Args:
-        calibration_paths: image files whose activations set the ranges (a few hundred are plenty).
+        calibration_images: image files (or ``uint8 [3, H, W]`` tensors) whose activations set the
+            ranges; a few hundred like those the model will see.
         method: a key of ``CALIBRATION_METHODS``.
         keep_float: node-name patterns of network nodes to leave in float (see the module docstring).
 
@@ -166,7 +170,7 @@ def quantize_int8(float_path, int8_path, calibration_paths: list, method: str = 
     """
     if method not in CALIBRATION_METHODS:
         raise QuantizationError(f"calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
-    if not calibration_paths:
+    if not len(calibration_images):
         raise QuantizationError("no calibration images")
     proto = load_float_model(float_path)
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
@@ -177,9 +181,9 @@ def quantize_int8(float_path, int8_path, calibration_paths: list, method: str = 
     if not any(node.op_type == "Conv" and node.name in set(to_quantize) for node in proto.graph.node):
         raise QuantizationError(f"{float_path}: no convolution left to quantize (is it a detector exported by "
                                 f"export.py? --int8-keep-float {' '.join(keep_float)} keeps too much?)")
-    reader = ImageCalibrationReader(calibration_paths, fixed_size)
+    reader = ImageCalibrationReader(calibration_images, fixed_size)
     if not len(reader):
-        raise QuantizationError(f"none of the {len(calibration_paths)} calibration images could be read")
+        raise QuantizationError(f"none of the {len(calibration_images)} calibration images could be read")
     folder = os.path.dirname(os.path.abspath(int8_path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".quantize.") as work:
