@@ -150,8 +150,12 @@ class ImageCalibrationReader(CalibrationDataReader):
         return None
 
 
-def _stride(count: int) -> int:
-    """The largest divisor of ``count`` up to IMAGES_PER_COLLECT (quantize_static needs one)."""
+def _stride(count: int, method: str) -> int:
+    """Images per ``collect_data`` call: the largest divisor of ``count`` (quantize_static needs one) up to
+    IMAGES_PER_COLLECT for minmax; 1 for the histogram methods, whose collector stacks the images'
+    activations into one array and so fails on images of different sizes (it merges histograms across calls)."""
+    if method != "minmax":
+        return 1
     return max(d for d in range(1, min(count, IMAGES_PER_COLLECT) + 1) if count % d == 0)
 
 
@@ -190,7 +194,7 @@ def quantize_int8(float_path, int8_path, calibration_images: list, method: str =
         prepared = os.path.join(work, "float.onnx")
         onnx.save(proto, prepared)
         quantized = os.path.join(work, "int8.onnx")
-        extra_options = {"CalibStridedMinMax": _stride(len(reader)), "CalibPercentile": PERCENTILE}
+        extra_options = {"CalibStridedMinMax": _stride(len(reader), method), "CalibPercentile": PERCENTILE}
         root_logger = logging.getLogger()
         level = root_logger.level  # the quantizer warns through the root logger about every shared bias
         root_logger.setLevel(max(level, logging.ERROR))

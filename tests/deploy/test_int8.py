@@ -20,11 +20,11 @@ import evaluation
 import export
 import inference
 from deploy.ort_detector import OnnxDetector
-from deploy.quantize import network_nodes
+from deploy.quantize import network_nodes, quantize_int8
 from deploy.verify import agreement, compare_runtimes
 from forked_scripts import REPO, run_forked
 from model import build_retinanet
-from onnx_models import TINY, calibrate
+from onnx_models import TINY, calibrate, scene
 from utils.data.demo_data import generate_demo_dataset
 from utils.data.image_io import read_image
 from utils.runtime.checkpoint import save_checkpoint
@@ -203,3 +203,13 @@ def test_trained_model_int8_verify_reports_both_aps(tmp_path):
     assert from_checkpoint["AP50"] > 0
     assert abs(summary["ap"]["int8"]["AP"] - summary["ap"]["float"]["AP"]) < 0.05
     assert summary["verification"]["agreement"] >= 0.7, summary["verification"]
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_images_of_different_sizes(exported, tmp_path, method):
+    """ONNX Runtime's histogram calibrators stack a batch's activations: one image per batch."""
+    scenes = [scene(64 + 9 * i, 90 - 7 * i, seed=20 + i) for i in range(3)]
+    metadata = quantize_int8(exported.float, tmp_path / "int8.onnx", scenes, method)
+    assert metadata["quantization"]["method"] == method and metadata["quantization"]["calibration_images"] == 3
+    result = OnnxDetector(tmp_path / "int8.onnx")(scenes[0].numpy())
+    assert len(result["scores"]) > 0
