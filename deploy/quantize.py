@@ -31,7 +31,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
+                                      create_calibrator, quantize_static)
+from onnxruntime.quantization.calibrate import save_tensors_data
 
 from deploy.onnx_export import sidecar_path
 from utils.data.image_io import ImageReadError, read_image
@@ -118,7 +119,7 @@ class ImageCalibrationReader(CalibrationDataReader):
     ``images``: file paths or ``uint8 [3, H, W]`` tensors. Unreadable files are skipped with a
     warning (counted in ``num_skipped``); with ``fixed_size`` (a --fixed-size export) each image
     is resized to it first, as a user of that file must.
-    ``set_range`` lets ``quantize_static`` (``CalibStridedMinMax``) collect a few images at a time.
+    ``set_range`` lets :func:`calibrate` collect a few images at a time.
     """
 
     def __init__(self, images: list, fixed_size=None):
@@ -159,6 +160,38 @@ def _stride(count: int, method: str) -> int:
     return max(d for d in range(1, min(count, IMAGES_PER_COLLECT) + 1) if count % d == 0)
 
 
+def network_outputs(proto: onnx.ModelProto, network: list) -> list:
+    """The tensors the ``network`` nodes hand to the post-processing (the heads' per-level outputs)."""
+    names = set(network)
+    produced = {output for node in proto.graph.node if node.name in names for output in node.output}
+    consumed = [name for node in proto.graph.node if node.name not in names for name in node.input]
+    consumed += [output.name for output in proto.graph.output]
+    return sorted(set(consumed) & produced)
+
+
+def calibrate(prepared_path: str, network: list, reader: ImageCalibrationReader, method: str, work: str) -> str:
+    """Activation ranges of the network and its input (the pre-processing's output), computed on the graph
+    cut after the heads, written where ``quantize_static(calibration_cache_path=...)`` reads them.
+
+    Cut because ONNX Runtime's calibrators otherwise also watch every post-processing tensor, which is
+    empty on an image without detections (the percentile calibrator fails on it) and not quantized anyway.
+    """
+    proto = onnx.load(prepared_path)
+    cut_path = os.path.join(work, "network.onnx")
+    onnx.utils.extract_model(prepared_path, cut_path, [proto.graph.input[0].name], network_outputs(proto, network),
+                             check_model=False)
+    calibrator = create_calibrator(cut_path, augmented_model_path=os.path.join(work, "augmented.onnx"),
+                                   calibrate_method=CALIBRATION_METHODS[method],
+                                   extra_options={"percentile": PERCENTILE})
+    stride = _stride(len(reader), method)
+    for start in range(0, len(reader), stride):
+        reader.set_range(start, start + stride)
+        calibrator.collect_data(reader)
+    cache_path = os.path.join(work, "ranges.json")
+    save_tensors_data(calibrator.compute_data(), cache_path)
+    return cache_path
+
+
 def quantize_int8(float_path, int8_path, calibration_images: list, method: str = "minmax",
                   keep_float=DEFAULT_KEEP_FLOAT) -> dict:
     """Write the INT8 version of the float export ``float_path`` to ``int8_path`` (and its sidecar).
@@ -194,15 +227,15 @@ def quantize_int8(float_path, int8_path, calibration_images: list, method: str =
         prepared = os.path.join(work, "float.onnx")
         onnx.save(proto, prepared)
         quantized = os.path.join(work, "int8.onnx")
-        extra_options = {"CalibStridedMinMax": _stride(len(reader), method), "CalibPercentile": PERCENTILE}
         root_logger = logging.getLogger()
         level = root_logger.level  # the quantizer warns through the root logger about every shared bias
         root_logger.setLevel(max(level, logging.ERROR))
         try:
-            quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            ranges = calibrate(prepared, to_quantize + kept, reader, method, work)
+            quantize_static(prepared, quantized, None, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CALIBRATION_METHODS[method], nodes_to_quantize=to_quantize,
-                            extra_options=extra_options)
+                            calibration_cache_path=ranges)
         finally:
             root_logger.setLevel(level)
         result = onnx.load(quantized)
