@@ -95,8 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="how activation ranges are set: minmax (the largest seen), percentile (99.999th "
                       "percentile of |x|), entropy (KL divergence of the histogram)")
     int8.add_argument("--int8-keep-float", nargs="*", default=list(DEFAULT_KEEP_FLOAT), metavar="PATTERN",
-                      help="network nodes whose name contains one of these stay float (pre/post-processing "
-                      "always does); none given = quantize every network node")
+                      help="network nodes whose name contains one of these stay float, e.g. cls_logits bbox_pred "
+                      "(the heads' last convs); the pre/post-processing always does; none = quantize every "
+                      "backbone, FPN and head node")
     int8.add_argument("--data-path", help="with --int8 --verify: a COCO-layout root whose labelled --split both "
                       "models are evaluated on (COCO AP)")
     int8.add_argument("--split", default="val", help="with --data-path: the split to evaluate")

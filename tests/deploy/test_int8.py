@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
     # Calibrated on the training split (the checkpoint's), verified on the held-out validation images.
     summary = export.main(export.get_args_parser().parse_args(
         ["--checkpoint", str(checkpoint), "--int8", "--output", str(int8_path), "--verify",
-         "--images", str(data / "val")]))
+         "--images", str(data / "val"), "--int8-keep-float", "cls_logits", "bbox_pred"]))
     return SimpleNamespace(folder=folder, data=data, checkpoint=checkpoint, model=model, float=float_path,
                            int8=int8_path, summary=summary)
 
@@ -213,3 +213,8 @@ def test_histogram_calibration_takes_images_of_different_sizes(exported, tmp_pat
     assert metadata["quantization"]["method"] == method and metadata["quantization"]["calibration_images"] == 3
     result = OnnxDetector(tmp_path / "int8.onnx")(scenes[0].numpy())
     assert len(result["scores"]) > 0
+    # By default every conv of the network is quantized, the heads' last ones included.
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    dequantized = {node.output[0] for node in proto.graph.node if node.op_type == "DequantizeLinear"}
+    convs = [node for node in proto.graph.node if node.op_type == "Conv"]
+    assert len(convs) > 20 and all(node.input[1] in dequantized for node in convs)
