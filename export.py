@@ -176,8 +176,8 @@ def calibration_images(args, train_args: dict) -> list:
 def quantize(args, float_path: str, train_args: dict, fixed_size, min_size: int, max_size: int) -> dict:
     """--int8: quantize ``float_path`` into --output; with --verify compare the two (and their APs)."""
     paths = calibration_images(args, train_args)
-    logger.info("quantizing %s to INT8 (%s calibration, %d images) ...", float_path, args.calibration_method,
-                len(paths))
+    logger.info("quantizing %s to INT8 (%s calibration, %d images) ...", args.onnx or args.checkpoint or args.weights,
+                args.calibration_method, len(paths))
     start = time.perf_counter()
     metadata = quantize_int8(float_path, args.output, paths, args.calibration_method, tuple(args.int8_keep_float))
     logger.info("wrote %s (%.1f MB, %.1f s) and %s", args.output, os.path.getsize(args.output) / 2 ** 20,

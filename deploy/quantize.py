@@ -153,13 +153,11 @@ class ImageCalibrationReader(CalibrationDataReader):
         return None
 
 
-def _stride(count: int, method: str) -> int:
-    """Images per ``collect_data`` call: the largest divisor of ``count`` (quantize_static needs one) up to
-    IMAGES_PER_COLLECT for minmax; 1 for the histogram methods, whose collector stacks the images'
-    activations into one array and so fails on images of different sizes (it merges histograms across calls)."""
-    if method != "minmax":
-        return 1
-    return max(d for d in range(1, min(count, IMAGES_PER_COLLECT) + 1) if count % d == 0)
+def _stride(method: str) -> int:
+    """Images per ``collect_data`` call: IMAGES_PER_COLLECT for minmax; 1 for the histogram methods, whose
+    collector stacks the images' activations into one array and so fails on images of different sizes
+    (it merges the histograms across calls)."""
+    return IMAGES_PER_COLLECT if method == "minmax" else 1
 
 
 def network_outputs(proto: onnx.ModelProto, network: list) -> list:
@@ -185,7 +183,7 @@ def calibrate(prepared_path: str, network: list, reader: ImageCalibrationReader,
     calibrator = create_calibrator(cut_path, augmented_model_path=os.path.join(work, "augmented.onnx"),
                                    calibrate_method=CALIBRATION_METHODS[method],
                                    extra_options={"percentile": PERCENTILE})
-    stride = _stride(len(reader), method)
+    stride = _stride(method)
     for start in range(0, len(reader), stride):
         reader.set_range(start, start + stride)
         calibrator.collect_data(reader)
