@@ -1,6 +1,7 @@
-"""COCO bbox evaluation of a RetinaNet checkpoint (pycocotools, the numbers papers report).
+"""COCO bbox evaluation of a RetinaNet checkpoint or ONNX export (pycocotools, the numbers papers report).
 
     python evaluation.py --checkpoint output/checkpoint.pth
+    python evaluation.py --onnx model_int8.onnx --data-path data/demo --split val   # export.py's file
     torchrun --nproc_per_node 8 evaluation.py --checkpoint output/checkpoint.pth --data-path /data/coco
     python evaluation.py --results output/eval_val2017/results.json --data-path /data/coco --split val2017
     python evaluation.py --checkpoint model_final.pth --results-only --data-path /data/coco \
@@ -15,6 +16,9 @@ writes ``results.json`` alone, for a split without ground truth (an image-info f
 COCO test-dev's ``image_info_test-dev2017.json``: images and categories, no annotations).
 
 The evaluation loop itself is ``engine.evaluate``, which train.py also calls after an epoch.
+An --onnx file (float or INT8, from export.py) runs in ONNX Runtime one image per call
+(``deploy.predict.OnnxEvalModel``) through the same loader, matching and report; its
+category table comes from the file's metadata.
 """
 import argparse
 import logging
@@ -25,6 +29,8 @@ import torch
 from pycocotools.coco import COCO
 
 import coco_dataset
+from deploy.ort_detector import OnnxDetector
+from deploy.predict import OnnxEvalModel
 from engine import evaluate, predict_coco_results, report_coco_metrics
 from model.weights import load_detector, read_weights
 from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
@@ -46,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument("--results", help="score this existing COCO results JSON instead of running a model")
     source.add_argument("--weights", help="instead of --checkpoint: a torchvision RetinaNet state-dict file or "
                         "weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1); needs --data-path")
+    source.add_argument("--onnx", help="a model exported by export.py (float or --int8), run with ONNX Runtime "
+                        "one image at a time; needs --data-path (or --ann-file and --image-dir)")
     parser.add_argument("--data-path", help="COCO root with annotations/ and <split>/; None = the checkpoint's data_path")
     parser.add_argument("--split", help="split to evaluate; None = the checkpoint's val_split, else val2017")
     parser.add_argument("--ann-file", help="ground-truth JSON (with --results-only: an image-info JSON, images and "
@@ -120,6 +128,31 @@ def evaluate_checkpoint(args, device: torch.device) -> dict:
                     output_dir=output_dir, amp=args.amp, plot=args.plot)
 
 
+def evaluate_onnx(args) -> dict:
+    """--onnx: the exported file in ONNX Runtime over the split, scored as a checkpoint is."""
+    if args.amp != "none":
+        raise UserError("--amp applies to PyTorch models; an --onnx model runs in the precision it was exported in")
+    if args.data_path is None and not (args.ann_file and args.image_dir):
+        raise UserError(f"--onnx {args.onnx}: pass --data-path (with --split), or --ann-file and --image-dir")
+    split = args.split or "val2017"
+    dataset = _dataset(args, args.data_path, split)
+    detector = OnnxDetector(args.onnx, device="cpu" if args.device == "auto" else args.device)
+    label_to_cat_id = [category["id"] for category in detector.categories]
+    unknown = sorted(set(label_to_cat_id) - set(dataset.coco.getCatIds()))
+    if unknown:
+        raise UserError(f"{args.onnx}: category ids {unknown} are not in {split}'s annotations; "
+                        "was the model trained on another dataset?")
+    data_loader = build_eval_loader(dataset, args.batch_size, args.workers, distributed.get_rank(),
+                                    distributed.get_world_size())
+    output_dir = Path(args.output_dir or Path(args.onnx).parent / f"eval_{split}")
+    logger.info("evaluating %s on %s (%d images, %d process(es), ONNX Runtime %s)", args.onnx, split, len(dataset),
+                distributed.get_world_size(), ", ".join(detector.providers))
+    model, cpu = OnnxEvalModel(detector), torch.device("cpu")  # images stay on the CPU, ORT moves them
+    if args.results_only:
+        return write_results_only(model, data_loader, label_to_cat_id, cpu, output_dir)
+    return evaluate(model, data_loader, dataset.coco, label_to_cat_id, cpu, output_dir=output_dir, plot=args.plot)
+
+
 def _dataset(args, data_path, split: str) -> coco_dataset.CocoDetection:
     """The split to run on: ``--ann-file`` / ``--image-dir`` where given, else the COCO layout under data_path."""
     annotations = Path(data_path or ".") / "annotations"
@@ -150,10 +183,12 @@ def main(args) -> dict:
     distributed.init_distributed_mode(device)
     setup_logging(verbose=False)
     if args.results_only and args.results:
-        raise UserError("--results-only runs a model: give --checkpoint or --weights, not --results")
+        raise UserError("--results-only runs a model: give --checkpoint, --weights or --onnx, not --results")
     try:
         if args.results:  # scoring a file is one process's job
             return score_results_file(args) if distributed.is_main_process() else None
+        if args.onnx:
+            return evaluate_onnx(args)
         return evaluate_checkpoint(args, device)
     finally:
         distributed.cleanup()

@@ -1,11 +1,15 @@
-"""ONNX Runtime on CPU against our PyTorch eager model and torchvision's, in one alternating run.
+"""ONNX Runtime (float and INT8) on CPU against our PyTorch eager model and torchvision's, in one alternating run.
 
     python benchmarks/onnx_benchmark.py --threads 2 --output onnx_bench.json   # R-50, 512 px, both conditions
+    python benchmarks/onnx_benchmark.py --threads 2 --conditions fresh --fresh-batch-size 1   # inference-only
     python benchmarks/onnx_benchmark.py --image-size 800 1333 --iters 2 --repeats 5
 
 Our model is exported by ``deploy.onnx_export`` (as export.py does, free input size) and
 run by ``deploy.ort_detector.OnnxDetector`` (as ``inference.py --onnx`` does, one image
-per call); our eager model runs as inference.py runs it (``optimize_for``); torchvision's
+per call); the INT8 row is that export quantized by ``deploy.quantize`` as ``export.py --int8``
+does (calibrated on --calibration-count synthetic scenes: the weights are random, so only the
+speed means something; --no-int8 leaves it out); our eager model runs as inference.py runs it
+(``optimize_for``); torchvision's
 RetinaNet is built as in benchmarks/benchmark.py. All three get the same images
 (``--image-size H W``, with ``min_size``/``max_size`` set to the short/long side so nobody
 resizes), class count, padding multiple, post-processing settings and thread count
@@ -41,10 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.benchmark import build_ours, build_torchvision_retinanet, make_batch  # noqa: E402
 from deploy.onnx_export import export_onnx  # noqa: E402
 from deploy.ort_detector import OnnxDetector  # noqa: E402
+from deploy.quantize import quantize_int8  # noqa: E402
+from deploy.verify import verification_images  # noqa: E402
 from model import BACKBONES  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 
-NAMES = ("onnxruntime", "ours", "torchvision")
+NAMES = ("onnxruntime_int8", "onnxruntime", "ours", "torchvision")
+RATIOS = (("onnxruntime_int8", "onnxruntime"), ("onnxruntime_int8", "torchvision"), ("onnxruntime", "ours"),
+          ("onnxruntime", "torchvision"), ("ours", "torchvision"))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model before the rounds")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--onnx", help="time this export of our model instead of exporting one (same settings!)")
+    parser.add_argument("--int8-onnx", help="time this INT8 export (export.py --int8) instead of quantizing --onnx")
+    parser.add_argument("--no-int8", action="store_true", help="leave the INT8 model out")
+    parser.add_argument("--calibration-count", type=int, default=8, help="synthetic scenes the INT8 row is "
+                        "calibrated on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the results as JSON here")
     return parser
@@ -82,7 +94,7 @@ class Contender:
 
     @torch.no_grad()
     def infer(self, uint8_images: list, float_images: list) -> None:
-        if self.name == "onnxruntime":
+        if self.name.startswith("onnxruntime"):
             for image in uint8_images:
                 self.model(image.numpy())
         else:
@@ -124,8 +136,9 @@ def run_condition(condition: str, contenders: list, args, generator) -> dict:
     result = {"batch_size": batch}
     for name, values in rates.items():
         result[name] = {"images_per_s": statistics.median(values), "all": values}
-    for a, b in (("onnxruntime", "ours"), ("onnxruntime", "torchvision"), ("ours", "torchvision")):
-        result[f"{a}/{b}"] = result[a]["images_per_s"] / result[b]["images_per_s"]
+    for a, b in RATIOS:
+        if a in result and b in result:
+            result[f"{a}/{b}"] = result[a]["images_per_s"] / result[b]["images_per_s"]
     return result
 
 
@@ -134,14 +147,15 @@ def print_table(report: dict) -> None:
     print(f"\n{report['backbone']} ({report['recipe']}), {height}x{width} images, {report['num_classes']} classes, "
           f"CPU, {report['threads']} threads, torch {report['torch']}, onnxruntime {report['onnxruntime_version']}; "
           f"median of {report['repeats']} alternating rounds x {report['iters']} steps")
-    header = f"{'condition':<28s}" + "".join(f"{name + ' img/s':>18s}" for name in NAMES)
-    ratios = ("onnxruntime/ours", "onnxruntime/torchvision", "ours/torchvision")
-    print(header + "".join(f"{r:>26s}" for r in ratios))
+    names = [name for name in NAMES if name in report[report["conditions"][0]]]
+    ratios = [f"{a}/{b}" for a, b in RATIOS if a in names and b in names]
+    print(f"{'condition':<28s}" + "".join(f"{name + ' img/s':>22s}" for name in names)
+          + "".join(f"{r:>32s}" for r in ratios))
     for condition in report["conditions"]:
         result = report[condition]
         label = f"{condition} (batch {result['batch_size']})"
-        cells = "".join(f"{result[name]['images_per_s']:>18.2f}" for name in NAMES)
-        print(f"{label:<28s}{cells}" + "".join(f"{result[r]:>25.2f}x" for r in ratios))
+        cells = "".join(f"{result[name]['images_per_s']:>22.2f}" for name in names)
+        print(f"{label:<28s}{cells}" + "".join(f"{result[r]:>31.2f}x" for r in ratios))
 
 
 def main(args) -> dict:
@@ -163,10 +177,19 @@ def main(args) -> dict:
             export_onnx(ours, onnx_path, categories, source="benchmark")  # the plain model, as export.py
             print(f"exported in {time.perf_counter() - start:.1f} s")
         detector = OnnxDetector(onnx_path, device="cpu", threads=threads)
+        contenders = [Contender("onnxruntime", detector)]
+        if not args.no_int8:
+            int8_path = args.int8_onnx
+            if int8_path is None:
+                int8_path = os.path.join(folder, "model_int8.onnx")
+                scenes = [image for _, image in verification_images(args.calibration_count, args.size)]
+                start = time.perf_counter()
+                quantize_int8(onnx_path, int8_path, scenes)
+                print(f"quantized in {time.perf_counter() - start:.1f} s")
+            contenders.insert(0, Contender("onnxruntime_int8", OnnxDetector(int8_path, device="cpu", threads=threads)))
         ours.optimize_for(torch.device("cpu"))  # as inference.py runs it
         torch.manual_seed(args.seed)
         torchvision_model = build_torchvision_retinanet(args).eval()
-        contenders = [Contender("onnxruntime", detector)]
         for name, model in (("ours", ours), ("torchvision", torchvision_model)):
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
             contenders.append(Contender(name, model, optimizer if "training" in args.conditions else None))

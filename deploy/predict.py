@@ -42,6 +42,28 @@ def predict(model, images, device: torch.device, amp_dtype=None) -> list:
              for key in ("boxes", "scores", "labels")} for output in outputs]
 
 
+class OnnxEvalModel:
+    """An :class:`OnnxDetector` behind the eager model's eval-mode call surface, so that
+    ``engine.evaluate`` scores an exported file exactly as it scores a checkpoint: a list of
+    ``ByteTensor[3, H, W]`` (on the CPU) in, ``[{"boxes", "scores", "labels"}]`` torch tensors out."""
+
+    training = False
+
+    def __init__(self, detector: OnnxDetector):
+        self.detector = detector
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise ValueError(f"{self.detector.path} is an exported model: it cannot train")
+        return self
+
+    def __call__(self, images: list) -> list:
+        return predict(self.detector, images, torch.device("cpu"))
+
+
 def image_record(path, output_name, image, boxes, scores, labels, categories) -> dict:
     """One detections.json entry; boxes ``[D, 4]`` x1y1x2y2 in ``image``'s pixels, labels index ``categories``."""
     detections = [{"box": [round(v, 2) for v in box.tolist()], "score": round(float(score), 4),

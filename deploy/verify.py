@@ -5,9 +5,14 @@ order: the same count, scores within ``score_tolerance``, boxes within ``box_tol
 pixels, the same labels. Detections whose scores lie within ``score_tolerance`` of
 each other may legitimately come out in either order; inside such a run of near-equal
 scores each PyTorch detection is paired with the closest ONNX one.
+
+An INT8 model is not expected to be that close: :func:`agreement` / :func:`compare_runtimes`
+measure how many of the float model's best detections it finds again (same label, IoU >= 0.5)
+and how far their scores moved.
 """
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from utils.data.demo_data import render_image
 
@@ -88,3 +93,58 @@ def verify(model, detector, images: list, score_tolerance: float = SCORE_TOLERAN
         record = compare_detections(reference, detector(image.numpy(), name=name), score_tolerance, box_tolerance)
         records.append({"name": name, "size": tuple(image.shape[1:]), **record})
     return records
+
+
+TOP_K = 20  # the reference detections an INT8 model is checked on, per image
+MATCH_IOU = 0.5
+
+
+def agreement(reference: dict, candidate: dict, top_k: int = TOP_K, iou_threshold: float = MATCH_IOU) -> dict:
+    """How many of ``reference``'s ``top_k`` best detections ``candidate`` also finds.
+
+    For a model whose numbers legitimately differ (INT8 against float) instead of
+    :func:`compare_detections`' tolerances: in decreasing score order, each reference
+    detection is matched to the unmatched candidate detection of the same label with the
+    highest IoU, if that IoU is at least ``iou_threshold``.
+
+    Returns ``{"reference", "candidate" (counts; reference capped at top_k), "matched",
+    "score_diffs" (|score difference| of each matched pair, a list)}``.
+    """
+    ref_boxes, ref_scores, ref_labels = _numpy(reference)
+    cand_boxes, cand_scores, cand_labels = _numpy(candidate)
+    ref_boxes, ref_scores, ref_labels = ref_boxes[:top_k], ref_scores[:top_k], ref_labels[:top_k]
+    score_diffs = []
+    if len(ref_scores) and len(cand_scores):
+        iou = np.nan_to_num(box_iou(torch.from_numpy(ref_boxes), torch.from_numpy(cand_boxes)).numpy())
+        # A box clipped to zero width has no IoU with anything, itself included: equal boxes match.
+        iou[np.abs(ref_boxes[:, None] - cand_boxes[None]).max(-1) < 1e-3] = 1.0
+        iou[ref_labels[:, None] != cand_labels[None, :]] = -1.0
+        for i in range(len(ref_scores)):
+            j = int(iou[i].argmax())
+            if iou[i, j] >= iou_threshold:
+                score_diffs.append(float(abs(ref_scores[i] - cand_scores[j])))
+                iou[:, j] = -1.0  # each candidate detection matches once
+    return {"reference": len(ref_scores), "candidate": len(cand_scores), "matched": len(score_diffs),
+            "score_diffs": score_diffs}
+
+
+def compare_runtimes(reference_detector, candidate_detector, images: list, top_k: int = TOP_K,
+                     iou_threshold: float = MATCH_IOU) -> dict:
+    """:func:`agreement` of two detectors (float and INT8 ``OnnxDetector``) on ``images``
+    (``(name, ByteTensor[3, H, W])``): per-image records and the totals
+    ``{"images", "records", "reference", "matched", "agreement" (matched / reference, 1 without
+    reference detections), "score_diff_mean", "score_diff_max"}``."""
+    records = []
+    for name, image in images:
+        pixels = image.numpy() if isinstance(image, torch.Tensor) else image
+        record = agreement(reference_detector(pixels, name=name), candidate_detector(pixels, name=name), top_k,
+                           iou_threshold)
+        records.append({"name": name, **record})
+    diffs = [d for record in records for d in record["score_diffs"]]
+    reference = sum(r["reference"] for r in records)
+    matched = sum(r["matched"] for r in records)
+    return {"images": len(records), "records": records, "reference": reference, "matched": matched,
+            "agreement": matched / reference if reference else 1.0,
+            "score_diff_mean": float(np.mean(diffs)) if diffs else 0.0,
+            "score_diff_max": float(np.max(diffs)) if diffs else 0.0, "top_k": top_k,
+            "iou_threshold": iou_threshold}
