@@ -56,7 +56,7 @@ def execute(notebook, *, toy: bool = False, workdir=None, timeout: int = 1800, w
     environment = {"TUTORIAL_TOY": "1" if toy else "0"}
     if workdir is not None:
         environment["TUTORIAL_WORKDIR"] = str(workdir)
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(working_dir)}})
     saved = {key: os.environ.get(key) for key in ("TUTORIAL_TOY", "TUTORIAL_WORKDIR")}
     os.environ.update(environment)  # the kernel inherits this process's environment

@@ -24,7 +24,8 @@ def load_run_tutorial():
 
 
 def stdout_of(cell) -> str:
-    return "".join(output["text"] for output in cell["outputs"]
+    """The cell's printed text; a stored notebook keeps it as a list of lines, nbclient as one string."""
+    return "".join("".join(output["text"]) for output in cell["outputs"]
                    if output["output_type"] == "stream" and output["name"] == "stdout")
 
 
