@@ -27,10 +27,6 @@ LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HTML_SOURCE = re.compile(r"<(?:img|a)\b[^>]*?\b(?:src|href)=\"([^\"]+)\"", re.IGNORECASE)
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z0-9][A-Za-z0-9_-]*)")
 
-# Written on another branch at the same time as these pages (issue 23, the tutorial); tolerated
-# only while missing, and checked like any other path once it exists. Delete after the merge.
-PENDING_PATHS = {"docs/tutorial.ipynb"}
-
 # Scripts that pass every option they do not know on to another script (ablate.py runs train.py
 # per cell): a flag is valid when either --help lists it. Their --help must say so.
 FORWARDS = {("path", "tools/ablate.py"): (("path", "train.py"), "passed to train.py")}
@@ -308,10 +304,8 @@ def test_relative_links_and_images_resolve():
             where = f"{doc.relative_to(REPO).as_posix()}:{number}"
             file_part, _, anchor = target.partition("#")
             resolved = (doc.parent / file_part).resolve() if file_part else doc
-            relative = resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(resolved)
             if not resolved.exists():
-                if relative not in PENDING_PATHS:
-                    problems.append(f"{where}: {target} does not exist")
+                problems.append(f"{where}: {target} does not exist")
                 continue
             if anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
                 problems.append(f"{where}: {target}: no heading with the anchor #{anchor}")
