@@ -41,6 +41,7 @@ def check(data, tmp_path, *flags, name="report"):
     return json.loads(report_path.read_text()), result.stdout
 
 
+@pytest.mark.slow  # several processes, seconds each: out of the edit-test loop
 def test_small_objects_low_coverage_with_default_anchors_high_with_the_suggestion(tmp_path):
     data = write_small_object_dataset(tmp_path / "small")
     report, stdout = check(data, tmp_path)  # the coco recipe's anchors (32..512 px) at 800 px

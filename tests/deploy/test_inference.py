@@ -93,6 +93,7 @@ def check_records(records: dict, expected_sizes: dict) -> int:
     return count
 
 
+@pytest.mark.slow  # several processes, seconds each: out of the edit-test loop
 def test_cli_folder_with_corrupt_file(checkpoint, image_dir, tmp_path):
     output_dir = tmp_path / "out"
     result = subprocess.run(

@@ -89,6 +89,7 @@ def test_inference_onnx_writes_the_checkpoints_detections_json(plain, tmp_path):
         assert (tmp_path / "onnx" / other["output_file"]).is_file()
 
 
+@pytest.mark.slow  # several processes, seconds each: out of the edit-test loop
 def test_bad_inputs_stop_with_one_line(plain, tmp_path):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(plain.onnx.read_bytes()[:4096])

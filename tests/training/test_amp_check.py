@@ -98,6 +98,7 @@ def _ddp_rank(rank: int, init_file: str, results):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # several processes, seconds each: out of the edit-test loop
 def test_ddp_ranks_reach_the_same_verdict(tmp_path):
     results = mp.get_context("spawn").Manager().dict()
     mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
