@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 import export
 import inference
-from benchmarks import onnx_benchmark
+from benchmarks import onnx_benchmark, onnx_profile
 from deploy.onnx_export import sidecar_path
 from deploy.ort_detector import OnnxDetector, execution_providers
 from deploy.verify import compare_detections
@@ -179,3 +179,17 @@ def test_onnx_benchmark_runs_end_to_end(tmp_path):
             assert report[condition][name]["images_per_s"] > 0
         ratio = report[condition]["onnxruntime"]["images_per_s"] / report[condition]["ours"]["images_per_s"]
         assert report[condition]["onnxruntime/ours"] == pytest.approx(ratio)
+
+
+@pytest.mark.slow
+def test_onnx_profile_splits_the_time_by_operator_type(tmp_path):
+    args = onnx_profile.get_args_parser().parse_args(
+        ["--backbone", "resnet18", "--num-classes", "3", "--image-size", "64", "--threads", "2", "--runs", "2",
+         "--warmup", "1", "--output", str(tmp_path / "profile.json")])
+    report = onnx_profile.main(args)
+    assert json.loads((tmp_path / "profile.json").read_text()) == json.loads(json.dumps(report))
+    float_ops, int8_ops = (report["files"][name]["by_op"] for name in ("model.onnx", "model_int8.onnx"))
+    for ops in (float_ops, int8_ops):
+        assert sum(figures["share"] for figures in ops.values()) == pytest.approx(1.0)
+    assert "Conv" in float_ops and not any(op.startswith("QLinear") for op in float_ops)
+    assert "QLinearConv" in int8_ops
