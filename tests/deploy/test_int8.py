@@ -12,7 +12,9 @@ import sys
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ import evaluation
 import export
 import inference
 from deploy.ort_detector import OnnxDetector
-from deploy.quantize import network_nodes, quantize_int8
+from deploy.quantize import fold_affine_into_convs, fold_weight_identities, network_nodes, quantize_int8
 from deploy.verify import agreement, compare_runtimes
 from forked_scripts import REPO, run_forked
 from model import build_retinanet
@@ -220,3 +222,43 @@ def test_calibration_takes_images_of_different_sizes(exported, tmp_path, method)
     dequantized = {node.output[0] for node in proto.graph.node if node.op_type == "DequantizeLinear"}
     convs = [node for node in proto.graph.node if node.op_type == "Conv"]
     assert len(convs) > 20 and all(node.input[1] in dequantized for node in convs)
+
+
+def test_frozen_batchnorm_affine_is_folded_into_the_convs_exactly(tmp_path):
+    """A FrozenBatchNorm2d trunk exports each BN as Mul + Add after its conv: folded before quantizing,
+    the float graph computes the same detections with one Mul/Add pair fewer per BN."""
+    torch.manual_seed(0)
+    model = build_retinanet(**{**TINY, "num_classes": 4, "backbone_norm": "frozen_bn"}).eval()
+    calibrate(model)
+    for module in model.modules():  # BN statistics that are not the identity, so a wrong fold shows
+        if type(module).__name__ == "FrozenBatchNorm2d":
+            module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.2, 0.2)
+            module.running_mean.uniform_(-0.1, 0.1), module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "frozen.onnx"
+    export.main(export.get_args_parser().parse_args(["--checkpoint", str(_checkpoint(model, tmp_path)),
+                                                     "--output", str(path)]))
+    proto = onnx.load(str(path))
+    fold_weight_identities(proto)
+    plain = onnx.ModelProto()
+    plain.CopyFrom(proto)
+    folded = fold_affine_into_convs(proto)
+    onnx.checker.check_model(proto)
+    ops = [Counter(node.op_type for node in graph.node) for graph in (plain.graph, proto.graph)]
+    # ResNet-18: 20 BatchNorms (17 after convs of the blocks, 3 in the downsample branches)
+    assert folded == 20 and ops[0]["Mul"] - ops[1]["Mul"] == 20 and ops[0]["Add"] - ops[1]["Add"] == 20
+    assert not any("bn" in node.name and node.op_type in ("Mul", "Add") for node in proto.graph.node)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion of its own
+    image = scene(64, 96, seed=5).numpy()
+    outputs = [onnxruntime.InferenceSession(m.SerializeToString(), options).run(None, {"image": image})
+               for m in (plain, proto)]
+    assert outputs[0][1].size > 0
+    for before, after in zip(*outputs):
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-3)
+
+
+def _checkpoint(model, folder):
+    path = folder / "checkpoint.pth"
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config, "categories": CATEGORIES,
+                     "args": {}}, str(path))
+    return path
