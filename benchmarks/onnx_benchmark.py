@@ -55,6 +55,17 @@ RATIOS = (("onnxruntime_int8", "onnxruntime"), ("onnxruntime_int8", "torchvision
           ("onnxruntime", "torchvision"), ("ours", "torchvision"))
 
 
+def export_float(model, path: str, num_classes: int) -> None:
+    """``model`` as one ONNX file, as export.py writes it (free input size, numbered class names)."""
+    export_onnx(model, path, [{"id": k, "name": f"class_{k}"} for k in range(num_classes)], source="benchmark")
+
+
+def quantize_on_scenes(float_path: str, int8_path: str, size: tuple, count: int) -> None:
+    """The INT8 version of ``float_path`` as ``export.py --int8`` makes it, calibrated on ``count``
+    synthetic scenes of ``size`` (random weights: only its speed means something)."""
+    quantize_int8(float_path, int8_path, [image for _, image in verification_images(count, size)])
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("RetinaNet CPU inference: ONNX Runtime vs PyTorch eager vs torchvision",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -172,9 +183,8 @@ def main(args) -> dict:
         onnx_path = args.onnx
         if onnx_path is None:
             onnx_path = os.path.join(folder, "model.onnx")
-            categories = [{"id": k, "name": f"class_{k}"} for k in range(args.num_classes)]
             start = time.perf_counter()
-            export_onnx(ours, onnx_path, categories, source="benchmark")  # the plain model, as export.py
+            export_float(ours, onnx_path, args.num_classes)  # the plain model, as export.py
             print(f"exported in {time.perf_counter() - start:.1f} s")
         detector = OnnxDetector(onnx_path, device="cpu", threads=threads)
         contenders = [Contender("onnxruntime", detector)]
@@ -182,9 +192,8 @@ def main(args) -> dict:
             int8_path = args.int8_onnx
             if int8_path is None:
                 int8_path = os.path.join(folder, "model_int8.onnx")
-                scenes = [image for _, image in verification_images(args.calibration_count, args.size)]
                 start = time.perf_counter()
-                quantize_int8(onnx_path, int8_path, scenes)
+                quantize_on_scenes(onnx_path, int8_path, args.size, args.calibration_count)
                 print(f"quantized in {time.perf_counter() - start:.1f} s")
             contenders.insert(0, Contender("onnxruntime_int8", OnnxDetector(int8_path, device="cpu", threads=threads)))
         ours.optimize_for(torch.device("cpu"))  # as inference.py runs it

@@ -26,10 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import build_ours  # noqa: E402
-from deploy.onnx_export import export_onnx  # noqa: E402
 from deploy.ort_detector import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
-from deploy.quantize import quantize_int8  # noqa: E402
-from deploy.verify import verification_images  # noqa: E402
+from onnx_benchmark import export_float, quantize_on_scenes  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 
 
@@ -86,9 +84,8 @@ def default_exports(args, folder: str) -> list:
     torch.manual_seed(0)
     model = build_ours(args).eval()
     float_path, int8_path = os.path.join(folder, "model.onnx"), os.path.join(folder, "model_int8.onnx")
-    export_onnx(model, float_path, [{"id": k, "name": f"class_{k}"} for k in range(args.num_classes)],
-                source="profile")
-    quantize_int8(float_path, int8_path, [image for _, image in verification_images(8, args.size)])
+    export_float(model, float_path, args.num_classes)
+    quantize_on_scenes(float_path, int8_path, args.size, count=8)
     return [float_path, int8_path]
 
 
