@@ -66,9 +66,10 @@ class OnnxEvalModel:
 
 def image_record(path, output_name, image, boxes, scores, labels, categories) -> dict:
     """One detections.json entry; boxes ``[D, 4]`` x1y1x2y2 in ``image``'s pixels, labels index ``categories``."""
-    detections = [{"box": [round(v, 2) for v in box.tolist()], "score": round(float(score), 4),
-                   "category_id": categories[int(label)]["id"], "category_name": categories[int(label)]["name"]}
-                  for box, score, label in zip(boxes, scores, labels)]
+    # One host copy per tensor, not one per detection.
+    detections = [{"box": [round(v, 2) for v in box], "score": round(score, 4),
+                   "category_id": categories[label]["id"], "category_name": categories[label]["name"]}
+                  for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
     return {"file_name": os.path.basename(path), "image_path": path, "width": int(image.shape[2]),
             "height": int(image.shape[1]), "output_file": output_name, "detections": detections}
 
