@@ -50,6 +50,12 @@ class ModelConfig:
     Input:
         min_size (int, or a tuple for multi-scale training), max_size, fixed_size (H, W) or None,
         size_divisible (pad multiple), image_mean, image_std.
+    Large images (crop training and tiled inference):
+        crop_size: 0 = trained on whole images resized to min_size / max_size; N > 0 = trained on
+            N x N windows cut from images scaled by crop_scale (min_size = max_size = N, so the model
+            does not resize a window). Inference then tiles by default: windows of
+            round(N / crop_scale) pixels of the original image, each resized by the model to N x N.
+        crop_scale: the factor the images were scaled by before cropping (1.0 = native resolution).
     Inference:
         score_thresh (0.05), nms_thresh (0.5), detections_per_img (100), topk_candidates (1000 per level).
     Training:
@@ -80,6 +86,8 @@ class ModelConfig:
     size_divisible: int = 128
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
+    crop_size: int = 0
+    crop_scale: float = 1.0
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
@@ -140,6 +148,8 @@ class ModelConfig:
               f"ohem_nms_thresh must lie in (0, 1] (1 = no NMS), got {self.ohem_nms_thresh}")
         check(self.ohem_fg_ratio is None or 0 <= self.ohem_fg_ratio <= 1,
               f"ohem_fg_ratio must lie in [0, 1] (or None: no cap), got {self.ohem_fg_ratio}")
+        check(self.crop_size >= 0, f"crop_size must be >= 0 (0 = whole images), got {self.crop_size}")
+        check(self.crop_scale > 0, f"crop_scale must be > 0, got {self.crop_scale}")
         check(0 <= self.bg_iou_thresh <= self.fg_iou_thresh <= 1,
               f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {self.bg_iou_thresh} and {self.fg_iou_thresh}")
 
