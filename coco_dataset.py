@@ -18,7 +18,8 @@ line; boxes reaching outside the image are clipped; boxes that are
 empty after clipping are dropped with one counted warning.
 
 Transforms (``RandomHorizontalFlip``, ``Compose``) live in ``utils/data/transforms.py``
-and are re-exported here; multi-scale resizing is done by the model. Samples are batched
+and are re-exported here; multi-scale resizing is done by the model; crop training's
+windows of large images come from ``utils/data/crops.py``. Samples are batched
 into lists by ``utils.data.loaders.collate_eval`` (or ``collate_train`` in training).
 """
 import logging
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection, splits_hint
+from utils.data.crops import CropDataset, CropSettings
 from utils.data.image_io import ImageReadError, read_image
-from utils.data.transforms import Compose, RandomHorizontalFlip  # noqa: F401  (part of this module's API)
+from utils.data.transforms import Compose, RandomHorizontalFlip, build_train_transforms  # noqa: F401  (API)
 from utils.runtime.errors import DatasetError, DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -147,13 +149,20 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def build_dataset(data_path, split: str, train: bool = False, hflip_prob: float = 0.5,
-                  filter_empty: bool = False) -> CocoDetection:
+                  filter_empty: bool = False, *, vflip_prob: float = 0.0, rot90_prob: float = 0.0,
+                  colour_jitter: float = 0.0, crop: CropSettings = None):
     """``CocoDetection`` for ``data_path/annotations/instances_{split}.json`` + ``data_path/{split}``.
 
-    Training adds a horizontal flip (``hflip_prob``) and honours ``filter_empty``;
-    evaluation never filters, since every image counts for AP.
+    Training adds a horizontal flip (``hflip_prob``), and a vertical flip, 90-degree rotations and
+    colour jitter when asked (``utils.data.transforms.build_train_transforms``), and honours
+    ``filter_empty``; with ``crop`` (``utils.data.crops.CropSettings``) it serves random windows
+    of the images (a ``CropDataset``, the augmentations applied to each window). Evaluation never
+    filters, crops or augments, since every whole image counts for AP.
     """
     root = Path(data_path)
-    transforms = Compose([RandomHorizontalFlip(hflip_prob)]) if train and hflip_prob > 0 else None
-    return CocoDetection(root / split, root / "annotations" / f"instances_{split}.json", transforms=transforms,
-                         filter_empty=train and filter_empty)
+    transforms = build_train_transforms(hflip_prob, vflip_prob=vflip_prob, rot90_prob=rot90_prob,
+                                        colour_jitter=colour_jitter) if train else None
+    image_dir, ann_file = root / split, root / "annotations" / f"instances_{split}.json"
+    if train and crop is not None:
+        return CropDataset(CocoDetection(image_dir, ann_file, filter_empty=filter_empty), crop, transforms=transforms)
+    return CocoDetection(image_dir, ann_file, transforms=transforms, filter_empty=train and filter_empty)

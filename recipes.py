@@ -1,9 +1,10 @@
 """Training recipes, train.py's command line, and the one frozen configuration a run uses.
 
-Two recipes: ``coco`` (the paper's 1x schedule on COCO 2017) and ``demo`` (a from-scratch
+Three recipes: ``coco`` (the paper's 1x schedule on COCO 2017), ``demo`` (a from-scratch
 detector that learns the built-in synthetic shapes in minutes on a 2-core CPU; also for
-small datasets of your own, without a GPU). ``--recipe`` picks one; without it, ``coco``
-with a ``--data-path`` and ``demo`` without. Every option given on the command line wins
+small datasets of your own, without a GPU) and ``large`` (the demo's detector trained on
+windows of a few large images at their own resolution: aerial, slides, scans). ``--recipe``
+picks one; without it, ``coco`` with a ``--data-path`` and ``demo`` without. Every option given on the command line wins
 over the recipe, which wins over the defaults of :class:`TrainConfig` and
 :class:`model.config.ModelConfig`.
 
@@ -21,6 +22,7 @@ from typing import Optional
 from model.backbone import BACKBONES
 from model.config import CLS_LOSSES, FOLLOW_WEIGHTS_FIELDS, ModelConfig
 from model.config import field_names as model_field_names
+from utils.data.crops import MAX_CROP_SIZE, MIN_CROP_SIZE
 from utils.runtime.device import AMP_CHOICES
 from utils.runtime.errors import ConfigError
 
@@ -45,6 +47,25 @@ RECIPES = {
         batch_size=8, optimizer="adamw", lr=2e-3, weight_decay=0.05, epochs=4, schedule="cosine",
         warmup_iters=200, eval_interval=0, output_dir="output/demo",
     ),
+    # A few large images (orthophotos, slides, scans) with small objects, from scratch on a CPU
+    # (docs/training.md, "Crop training"). The demo's detector (ResNet-18, trainable BN, 128-channel
+    # FPN, 2-conv GN heads, AdamW + cosine: what learns fast from random init on 2 cores) on
+    # 256 x 256 windows at native resolution (crop_scale 1: a 10-100 px object keeps its pixels;
+    # 256 px windows cost what the demo's 128 px images cost x4 and hold several objects each);
+    # anchors 16..128 px on P3-P6 for objects of about 10-150 px (P7 would be 2 x 2 on a window).
+    # Top-down images have no "up": vertical flips and 90-degree rotations (p 0.5 each) make
+    # eight orientations out of every window; colour jitter 0.2 for light and sensor changes
+    # between images of a survey. Batch 8 as the demo's; up to 300 detections per image, since a
+    # whole large image, tiled at inference, holds hundreds of objects. An epoch is counted in
+    # windows (ten 3000 px images: 1440 windows, 180 steps), 6 of them ~1000 steps.
+    "large": dict(
+        data_path=None, train_split="train", val_split="val", workers=0,
+        backbone="resnet18", pretrained_backbone="none", fpn_channels=128, num_extra_levels=1,
+        anchor_base_sizes=[16, 32, 64, 128], head_convs=2, head_norm="gn", crop_size=256, crop_scale=1.0,
+        vflip_prob=0.5, rot90_prob=0.5, colour_jitter=0.2, detections_per_img=300,
+        batch_size=8, optimizer="adamw", lr=2e-3, weight_decay=0.05, epochs=6, schedule="cosine",
+        warmup_iters=200, eval_interval=0, output_dir="output/large",
+    ),
 }
 DEMO_DATASET = dict(num_train=3000, num_val=300, image_size=160, seed=0)
 SCHEDULES = {"1x": (12, [8, 11]), "3x": (36, [27, 33])}
@@ -64,6 +85,13 @@ class TrainConfig:
     filter_empty: bool = False
     aspect_ratio_grouping: bool = True
     hflip_prob: float = 0.5
+    vflip_prob: float = 0.0
+    rot90_prob: float = 0.0
+    colour_jitter: float = 0.0
+    # crop training (model.crop_size > 0): utils/data/crops.py
+    min_visible: float = 0.5
+    crop_object_prob: float = 0.5
+    scale_jitter: Optional[tuple] = None
     workers: int = 0
     max_bad_images: Optional[float] = None
     demo_scale: float = 1.0  # < 1: the built-in demo shrunk (demo_dataset), e.g. for a quick check that all runs
@@ -163,7 +191,8 @@ def resolve_config(args) -> TrainConfig:
     if "demo_scale" in given:
         values.update(_shrunk_demo(recipe_name, given))
     if values.get("data_path") is None:
-        raise ConfigError("--recipe coco needs --data-path (a COCO-format root with annotations/ and images)")
+        raise ConfigError(f"--recipe {recipe_name} needs --data-path (a COCO-format root with annotations/ "
+                          "and images)")
 
     if "iters" in given and "epochs" in given:
         raise ConfigError("--iters and --epochs exclude each other: give the schedule's length one way")
@@ -180,6 +209,7 @@ def resolve_config(args) -> TrainConfig:
     if str(values.get("pretrained_backbone")).lower() == "none":
         values["pretrained_backbone"] = None
     _check_ranges(values)
+    values.update(_crop_input_size(values, given))
 
     model_values = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     try:
@@ -192,6 +222,8 @@ def resolve_config(args) -> TrainConfig:
                                      if k in given or k not in FOLLOW_WEIGHTS_FIELDS))
     train_values = {k: v for k, v in values.items() if k in _TRAIN_FIELDS}
     train_values["lr_steps"] = tuple(train_values["lr_steps"])
+    if train_values.get("scale_jitter") is not None:
+        train_values["scale_jitter"] = tuple(train_values["scale_jitter"])
     if train_values.get("output_dir"):
         train_values["output_dir"] = os.path.abspath(train_values["output_dir"])
     return TrainConfig(**train_values, model=model, given=frozenset(given), weights_overrides=weights_overrides)
@@ -216,11 +248,45 @@ def _shrunk_demo(recipe_name: str, given: dict) -> dict:
     return {key: value for key, value in shrunk.items() if key not in given}
 
 
+CROP_ONLY_OPTIONS = ("min_visible", "crop_object_prob", "scale_jitter")
+
+
+def _crop_input_size(values: dict, given: dict) -> dict:
+    """With ``--crop-size N``: the model takes N x N windows as they are (min_size = max_size = N,
+    no fixed_size), so that it never resizes a window; checks the crop options."""
+    crop_size = values.get("crop_size") or 0
+    if crop_size == 0:
+        stray = [key for key in CROP_ONLY_OPTIONS if key in given]
+        if stray or "crop_scale" in given:
+            flag = "--" + (stray + ["crop_scale"])[0].replace("_", "-")
+            raise ConfigError(f"{flag} applies to crop training only: give --crop-size too")
+        return {}
+    if not MIN_CROP_SIZE <= crop_size <= MAX_CROP_SIZE:
+        raise ConfigError(f"--crop-size {crop_size}: must be in [{MIN_CROP_SIZE}, {MAX_CROP_SIZE}] (a smaller window "
+                          f"has no P5 cell; a larger one costs more memory per step than crop training saves: "
+                          f"train on whole images without --crop-size)")
+    for key, size in (("min_size", [crop_size]), ("max_size", crop_size)):
+        if key in given and given[key] != size:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {_show(given[key])} contradicts --crop-size {crop_size}: a model trained on "
+                              f"crops takes its N x N windows as they are (leave {flag} out)")
+    if values.get("fixed_size"):
+        raise ConfigError(f"--fixed-size contradicts --crop-size {crop_size}: windows are already N x N")
+    jitter = values.get("scale_jitter")
+    if jitter is not None and not (len(jitter) == 2 and 0 < jitter[0] <= jitter[1]):
+        raise ConfigError(f"--scale-jitter {_show(jitter)}: needs LO HI with 0 < LO <= HI")
+    return {"min_size": crop_size, "max_size": crop_size}
+
+
 def _check_ranges(values: dict) -> None:
     checks = [("batch_size", lambda v: v >= 1, ">= 1"), ("workers", lambda v: v >= 0, ">= 0"),
               ("epochs", lambda v: v >= 1, ">= 1"), ("iters", lambda v: v >= 0, ">= 0"),
               ("lr", lambda v: v > 0, "> 0"),
               ("hflip_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("max_bad_images", lambda v: v >= 0, ">= 0"),
+              ("vflip_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("rot90_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+              ("colour_jitter", lambda v: 0 <= v < 1, "in [0, 1)"), ("crop_size", lambda v: v >= 0, ">= 0"),
+              ("crop_scale", lambda v: v > 0, "> 0"), ("min_visible", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("crop_object_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("warmup_iters", lambda v: v >= 0, ">= 0"), ("max_non_finite", lambda v: v >= 1, ">= 1"),
               ("print_freq", lambda v: v >= 1, ">= 1"), ("keep_checkpoints", lambda v: v >= 1, ">= 1")]
     for key, ok, expected in checks:
@@ -252,7 +318,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     Every option defaults to None (= not given): the recipe and the defaults fill it in (:func:`resolve_config`).
     """
     parser = argparse.ArgumentParser("RetinaNet training", description="Options not given take the recipe's value "
-                                     "(--recipe coco|demo, see recipes.py), else the default shown.")
+                                     "(--recipe coco|demo|large, see recipes.py), else the default shown.")
     _add_data_options(parser.add_argument_group("data"))
     _add_model_options(parser.add_argument_group("model"))
     _add_optimisation_options(parser.add_argument_group("optimisation"))
@@ -262,7 +328,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _add_data_options(group) -> None:
     group.add_argument("--recipe", choices=sorted(RECIPES), help="coco: the paper's 1x schedule (default with "
-                       "--data-path); demo: from scratch, CPU-friendly (default without)")
+                       "--data-path); demo: from scratch, CPU-friendly (default without); large: the demo's detector "
+                       "on 256 px windows of a few large images at native resolution, with flips, rotations and "
+                       "colour jitter (needs --data-path)")
     group.add_argument("--data-path", help="COCO-format ROOT (annotations/instances_SPLIT.json + SPLIT/ images); "
                        "omit to generate and train on the built-in demo dataset")
     group.add_argument("--demo-scale", type=float, metavar="F", help="the built-in demo at F times its size "
@@ -275,6 +343,26 @@ def _add_data_options(group) -> None:
     group.add_argument("--no-aspect-ratio-grouping", dest="aspect_ratio_grouping", action="store_false", default=None,
                        help="mix wide and tall images in a batch")
     group.add_argument("--hflip-prob", type=float, help=option_help("hflip_prob", "horizontal flip probability"))
+    group.add_argument("--vflip-prob", type=float, help=option_help(
+        "vflip_prob", "vertical flip probability (top-down imagery, slides: no 'up')"))
+    group.add_argument("--rot90-prob", type=float, help=option_help(
+        "rot90_prob", "probability of rotating by k x 90 degrees, k uniform in 1, 2, 3"))
+    group.add_argument("--colour-jitter", type=float, metavar="F", help=option_help(
+        "colour_jitter", "brightness, contrast and saturation factors drawn from [1 - F, 1 + F] per image"))
+    group.add_argument("--crop-size", type=int, metavar="N", help=option_help(
+        "crop_size", "train on random N x N windows of the images scaled by --crop-scale instead of whole "
+        "images (large images, small objects; min and max size become N; 0 = whole images); inference and "
+        "evaluation then tile whole images with such windows"))
+    group.add_argument("--crop-scale", "--scale", dest="crop_scale", type=float, metavar="S", help=option_help(
+        "crop_scale", "with --crop-size: the images' scale before cropping (1 = native resolution, 0.5 = half)"))
+    group.add_argument("--min-visible", type=float, metavar="F", help=option_help(
+        "min_visible", "with --crop-size: a box cut by the window stays a box when at least this share of its "
+        "area is inside, else its visible part is ignored (neither object nor background)"))
+    group.add_argument("--crop-object-prob", type=float, metavar="P", help=option_help(
+        "crop_object_prob", "with --crop-size: probability of placing a window on a random object's centre "
+        "(else anywhere in the image)"))
+    group.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="with --crop-size: "
+                       "multiply each window's scale by a factor drawn log-uniformly from [LO, HI] (default: none)")
     group.add_argument("--workers", type=int, help=option_help("workers", "data loading processes per GPU"))
     group.add_argument("--max-bad-images", type=float, help="stop when more unreadable images than this were "
                        "skipped: a fraction of the dataset if < 1, else a count (default: 0.1 %%, at least 10)")

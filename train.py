@@ -19,6 +19,7 @@ from model import RetinaNet
 from model.anchor_coverage import coverage_summary
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
 from recipes import get_args_parser, resolve_config
+from utils.data.crops import CropSettings, mean_fill
 from utils.data.demo_data import ensure_demo_dataset
 from utils.data.loaders import build_eval_loader, build_train_loader
 from utils.runtime import distributed as dist_utils
@@ -47,8 +48,7 @@ def main(config):
         generate_demo_data(config)
     seed_everything(config.seed + dist.rank)
 
-    train_set = coco_dataset.build_dataset(config.data_path, config.train_split, train=True,
-                                           hflip_prob=config.hflip_prob, filter_empty=config.filter_empty)
+    train_set = build_train_set(config)
     val_set = coco_dataset.build_dataset(config.data_path, config.val_split)
     model = build_model(config, train_set).to(device).optimize_for(device, channels_last=config.channels_last)
     if dist_utils.is_main_process() and not config.eval_only:  # small objects no anchor fits: say so now
@@ -75,8 +75,9 @@ def main(config):
         check_amp(model_without_ddp, train_loader, device, amp_dtype)
     stop_request = StopRequest().install()
     num_epochs = config.num_epochs(iters_per_epoch)
-    logger.info("training %d iterations: %d epoch(s) of %d iterations, %d images",
-                config.total_iters(iters_per_epoch), num_epochs, iters_per_epoch, len(train_set))
+    logger.info("training %d iterations: %d epoch(s) of %d iterations, %d %s",
+                config.total_iters(iters_per_epoch), num_epochs, iters_per_epoch, len(train_set),
+                "windows" if config.model.crop_size else "images")
     start_time = time.time()
     while state.epoch < num_epochs:
         train_loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)
@@ -108,6 +109,25 @@ def generate_demo_data(config) -> None:
     dist_utils.barrier()
 
 
+def build_train_set(config):
+    """The training split: whole images (``CocoDetection``), or with ``--crop-size`` random windows of
+    them (``CropDataset``, an epoch counted in windows), augmented as configured."""
+    crop = None
+    if config.model.crop_size:
+        # Padding in the model's mean colour normalises to 0, the value the model pads batches with.
+        crop = CropSettings(size=config.model.crop_size, scale=config.model.crop_scale,
+                            min_visible=config.min_visible, object_prob=config.crop_object_prob,
+                            scale_jitter=config.scale_jitter, fill=mean_fill(config.model.image_mean))
+    train_set = coco_dataset.build_dataset(config.data_path, config.train_split, train=True,
+                                           hflip_prob=config.hflip_prob, filter_empty=config.filter_empty,
+                                           vflip_prob=config.vflip_prob, rot90_prob=config.rot90_prob,
+                                           colour_jitter=config.colour_jitter, crop=crop)
+    if crop is not None:
+        logger.info("crop training: %d windows of %d x %d px an epoch from %d images at scale %g", len(train_set),
+                    crop.size, crop.size, train_set.num_images, crop.scale)
+    return train_set
+
+
 def build_model(config, train_set) -> RetinaNet:
     """The configured model for ``train_set``'s classes; with ``--weights``, initialised from them."""
     if not config.weights:
@@ -122,7 +142,11 @@ def build_model(config, train_set) -> RetinaNet:
         flag = "--" + exc.field.replace("_", "-")
         raise ConfigError(f"{flag} {exc.given} contradicts --weights {config.weights}, whose architecture has "
                           f"{exc.field} = {exc.weights_value}; leave {flag} out to fine-tune that architecture") from None
-    model = RetinaNet.from_config(model_config.replace(num_classes=train_set.num_classes))
+    # The crop window and scale describe this run's training, not the weights': a crop-trained
+    # checkpoint fine-tuned on whole images must not make inference tile.
+    model = RetinaNet.from_config(model_config.replace(num_classes=train_set.num_classes,
+                                                       crop_size=config.model.crop_size,
+                                                       crop_scale=config.model.crop_scale))
     report = load_pretrained_for_finetuning(model, source, train_set.categories)
     logger.info("fine-tuning from %s: %d tensors loaded, classes kept %s, new classes %s", config.weights,
                 len(report["loaded"]), report["copied_classes"], report["new_classes"])
