@@ -117,3 +117,52 @@ def test_demo_scale_shrinks_the_demo_data_iterations_and_warmup_into_folders_of_
 def test_demo_scale_applies_to_the_built_in_demo_only(argv, message):
     with pytest.raises(ConfigError, match=message):
         resolve(*argv)
+
+
+def test_crop_size_makes_the_model_take_its_windows_as_they_are():
+    config = resolve("--data-path", "/d", "--crop-size", "512", "--scale", "0.5", "--min-visible", "0.3")
+    assert (config.model.crop_size, config.model.crop_scale) == (512, 0.5)
+    assert config.model.min_size == 512 and config.model.max_size == 512 and config.model.fixed_size is None
+    assert config.min_visible == 0.3 and config.crop_object_prob == 0.5 and config.scale_jitter is None
+    assert resolve("--data-path", "/d", "--crop-size", "256", "--min-size", "256", "--max-size", "256").model.min_size \
+        == 256  # an explicit size that agrees is fine
+    jittered = resolve("--data-path", "/d", "--crop-size", "256", "--scale-jitter", "0.8", "1.25")
+    assert jittered.scale_jitter == (0.8, 1.25) and jittered.to_dict()["scale_jitter"] == [0.8, 1.25]
+    plain = resolve("--data-path", "/d")  # without --crop-size nothing changes
+    assert (plain.model.crop_size, plain.model.crop_scale, plain.vflip_prob, plain.rot90_prob, plain.colour_jitter) \
+        == (0, 1.0, 0.0, 0.0, 0.0)
+
+
+def test_the_large_recipe_trains_the_demo_detector_on_native_resolution_windows():
+    config = resolve("--recipe", "large", "--data-path", "/aerial")
+    demo = resolve()
+    assert config.recipe == "large" and not config.demo_data and config.data_path == "/aerial"
+    assert (config.model.crop_size, config.model.crop_scale, config.model.min_size, config.model.max_size) == \
+        (256, 1.0, 256, 256)
+    assert (config.vflip_prob, config.rot90_prob, config.colour_jitter, config.hflip_prob) == (0.5, 0.5, 0.2, 0.5)
+    assert config.model.detections_per_img == 300 and config.batch_size == 8 and config.pretrained_backbone is None
+    same = ("backbone", "fpn_channels", "num_extra_levels", "anchor_base_sizes", "head_convs", "head_norm")
+    assert all(getattr(config.model, key) == getattr(demo.model, key) for key in same)
+    assert (config.optimizer, config.lr, config.schedule) == (demo.optimizer, demo.lr, demo.schedule)
+    assert resolve("--recipe", "large", "--data-path", "/d", "--crop-size", "384").model.max_size == 384
+    with pytest.raises(ConfigError, match="--recipe large needs --data-path"):
+        resolve("--recipe", "large")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--crop-size", "16"], r"--crop-size 16: must be in \[32, 4096\]"),
+    (["--crop-size", "5000"], "more memory per step"),
+    (["--crop-size", "256", "--min-size", "800"], "--min-size 800 contradicts --crop-size 256"),
+    (["--crop-size", "256", "--max-size", "1333"], "--max-size 1333 contradicts --crop-size 256"),
+    (["--crop-size", "256", "--crop-scale", "0"], "--crop-scale 0.0: must be > 0"),
+    (["--crop-size", "256", "--min-visible", "0"], r"--min-visible 0.0: must be in \(0, 1\]"),
+    (["--crop-size", "256", "--min-visible", "1.5"], "--min-visible 1.5"),
+    (["--crop-size", "256", "--scale-jitter", "1.5", "0.5"], "0 < LO <= HI"),
+    (["--min-visible", "0.3"], "--min-visible applies to crop training only"),
+    (["--scale", "0.5"], "--crop-scale applies to crop training only"),
+    (["--rot90-prob", "2"], "--rot90-prob 2.0: must be in"),
+    (["--colour-jitter", "1"], "--colour-jitter 1.0: must be in"),
+])
+def test_bad_crop_and_augmentation_options_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("--data-path", "/d", *argv)
