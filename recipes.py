@@ -4,9 +4,9 @@ Three recipes: ``coco`` (the paper's 1x schedule on COCO 2017), ``demo`` (a from
 detector that learns the built-in synthetic shapes in minutes on a 2-core CPU; also for
 small datasets of your own, without a GPU) and ``large`` (the demo's detector trained on
 windows of a few large images at their own resolution: aerial, slides, scans). ``--recipe``
-picks one; without it, ``coco`` with a ``--data-path`` and ``demo`` without. Every option given on the command line wins
-over the recipe, which wins over the defaults of :class:`TrainConfig` and
-:class:`model.config.ModelConfig`.
+picks one; without it, ``coco`` with a ``--data-path`` and ``demo`` without. Every option
+given on the command line wins over the recipe, which wins over the defaults of
+:class:`TrainConfig` and :class:`model.config.ModelConfig`.
 
 :func:`get_args_parser` is train.py's command line (tools that take train.py's options
 import it from here); :func:`resolve_config` turns it into a :class:`TrainConfig`, resolved
@@ -271,7 +271,8 @@ def _crop_input_size(values: dict, given: dict) -> dict:
             raise ConfigError(f"{flag} {_show(given[key])} contradicts --crop-size {crop_size}: a model trained on "
                               f"crops takes its N x N windows as they are (leave {flag} out)")
     if values.get("fixed_size"):
-        raise ConfigError(f"--fixed-size contradicts --crop-size {crop_size}: windows are already N x N")
+        raise ConfigError(f"fixed_size {values['fixed_size']} contradicts --crop-size {crop_size}: windows are "
+                          "already N x N")
     jitter = values.get("scale_jitter")
     if jitter is not None and not (len(jitter) == 2 and 0 < jitter[0] <= jitter[1]):
         raise ConfigError(f"--scale-jitter {_show(jitter)}: needs LO HI with 0 < LO <= HI")
