@@ -22,16 +22,17 @@ Each window's detections arrive already shifted into the image's pixels. Three s
    rest (the detections in the shared bands, and those touching a whole-image detection)
    go through the merge, so a 10000 x 10000 image is not one quadratic NMS over every
    detection.
-3. **Merge** the rest, per class: ``"nms"`` keeps the highest-scoring box of each group
-   overlapping above ``iou_thresh`` (IoU; ``torchvision.ops.batched_nms``, the model's own
-   NMS threshold by default); ``"greedy"`` lets each box, best score first, absorb the
-   same-class boxes whose intersection over the smaller box exceeds ``match_thresh``, and
-   reports their union with the best score (pieces of one object, or a piece inside a
-   whole-image box, become one box).
+3. **Merge** the rest, per class: ``"nms"`` is class-aware NMS (IoU above ``iou_thresh``,
+   the model's own NMS threshold by default; the same survivors as
+   ``torchvision.ops.batched_nms``); ``"greedy"`` lets each box, best score first, absorb the
+   unabsorbed same-class boxes whose intersection over the smaller box exceeds
+   ``match_thresh``, and reports their union with its score (pieces of one object, or a piece
+   inside a whole-image box, become one box). Both compare a box only with the boxes near it
+   on a grid (:func:`matching_pairs`), so the work grows with the number of detections, not
+   with its square: a 10000 x 10000 image has a few hundred thousand.
 """
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from utils.boxes.box_ops import box_ioa
 
@@ -119,43 +120,122 @@ def touching(boxes: Tensor, others: Tensor) -> Tensor:
     return (box_ioa(boxes, others) > 0).any(dim=1)
 
 
-def merge_detections(detections: dict, *, method: str, iou_thresh: float,
-                     match_thresh: float = GREEDY_MATCH_THRESH) -> dict:
-    """Step 3: ``{"boxes" [D, 4], "scores" [D], "labels" [D]}`` -> the merged set (any order)."""
-    if method == "nms":
-        keep = batched_nms(detections["boxes"], detections["scores"], detections["labels"], iou_thresh)
-        return select(detections, keep)
-    if method == "greedy":
-        return greedy_merge(detections, match_thresh=match_thresh)
-    raise ValueError(f"merge method must be one of {MERGE_METHODS}, got {method!r}")
+def merge_detections(detections: dict, *, method: str, iou_thresh: float, match_thresh: float = GREEDY_MATCH_THRESH,
+                     cell_limit: float = None) -> dict:
+    """Step 3: ``{"boxes" [D, 4], "scores" [D], "labels" [D]}`` -> the merged set (any order).
 
-
-def greedy_merge(detections: dict, *, match_thresh: float) -> dict:
-    """Best score first, each unmerged box absorbs the unmerged boxes of its class whose intersection
-    over the smaller of the two boxes exceeds ``match_thresh``; it becomes their union, keeping its score.
-
-    Compared with the box's own extent, not the growing union, so a chain of overlapping
-    boxes is not swallowed whole. O(D^2) time per class, O(D) memory.
+    ``cell_limit``: boxes wider or taller than this (whole-image detections) are compared with every
+    box of their class; the rest only with their neighbours on a grid (:func:`matching_pairs`).
     """
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge method must be one of {MERGE_METHODS}, got {method!r}")
     boxes, scores, labels = detections["boxes"], detections["scores"], detections["labels"]
-    out_boxes, out_scores, out_labels = [], [], []
-    for label in labels.unique():
-        mine = (labels == label).nonzero()[:, 0]
-        order = mine[scores[mine].argsort(descending=True, stable=True)]
-        class_boxes = boxes[order]
-        merged = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
-        for i in range(len(order)):
-            if merged[i]:
-                continue
-            box = class_boxes[i:i + 1]
-            smaller_share = torch.maximum(box_ioa(box, class_boxes)[0], box_ioa(class_boxes, box)[:, 0])
-            members = ~merged & (smaller_share > match_thresh)
-            members[i] = True
-            merged |= members
-            group = class_boxes[members]
-            out_boxes.append(torch.cat([group[:, :2].min(dim=0).values, group[:, 2:].max(dim=0).values]))
-            out_scores.append(scores[order[i]])
-            out_labels.append(label)
-    if not out_boxes:
-        return {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros(0), "labels": labels.new_zeros(0)}
-    return {"boxes": torch.stack(out_boxes), "scores": torch.stack(out_scores), "labels": torch.stack(out_labels)}
+    metric, thresh = ("iou", iou_thresh) if method == "nms" else ("ios", match_thresh)
+    first, second = matching_pairs(boxes, labels, metric=metric, thresh=thresh, cell_limit=cell_limit)
+    owner = greedy_owners(scores, first, second)
+    keepers = (owner == torch.arange(len(owner), device=owner.device)).nonzero()[:, 0]
+    if method == "nms":
+        return select(detections, keepers)
+    # greedy: each keeper becomes the union of the boxes it absorbed
+    union = boxes.new_zeros((len(boxes), 4))
+    union[:, :2] = float("inf")
+    union[:, 2:] = float("-inf")
+    for column, reduce in ((0, "amin"), (1, "amin"), (2, "amax"), (3, "amax")):
+        union[:, column].scatter_reduce_(0, owner, boxes[:, column], reduce=reduce)
+    return {"boxes": union[keepers], "scores": scores[keepers], "labels": labels[keepers]}
+
+
+def greedy_owners(scores: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """Best score first, each box not yet claimed claims itself and every unclaimed box it is paired
+    with; ``LongTensor[D]``: the claiming box of each. With IoU pairs the boxes that claim themselves
+    are exactly NMS's survivors; with intersection-over-smaller pairs, greedy merging's groups."""
+    count = len(scores)
+    ends = torch.cumsum(torch.bincount(torch.cat([first, second]).cpu(), minlength=count), 0).tolist()
+    both = torch.cat([first, second]).cpu()
+    partners = torch.cat([second, first]).cpu()[both.argsort(stable=True)].tolist()
+    owner = [-1] * count
+    for box in scores.argsort(descending=True, stable=True).tolist():
+        if owner[box] >= 0:
+            continue
+        owner[box] = box
+        for partner in partners[ends[box - 1] if box else 0:ends[box]]:
+            if owner[partner] < 0:
+                owner[partner] = box
+    return torch.tensor(owner, dtype=torch.int64, device=scores.device)
+
+
+# Forward neighbours on the grid: each pair of neighbouring cells is visited once.
+_NEIGHBOURS = ((0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
+MAX_CANDIDATES = 1 << 22  # candidate pairs compared at once: bounds the merge's memory
+
+
+def matching_pairs(boxes: Tensor, labels: Tensor, *, metric: str, thresh: float, cell_limit: float = None):
+    """``(first, second)`` ``LongTensor[P]``: the pairs of same-label boxes whose overlap ``metric``
+    ("iou", or "ios": intersection over the smaller box) exceeds ``thresh``, each pair once.
+
+    Boxes no larger than the grid cell (the largest extent among the boxes up to ``cell_limit``)
+    can only overlap a box whose top-left corner lies in the same or a neighbouring cell: the
+    candidates are found by sorting cell keys, never by comparing all ``D^2`` pairs. Larger boxes
+    are compared with every box of their class.
+    """
+    extent = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1)
+    large = extent > cell_limit if cell_limit is not None else torch.zeros_like(extent, dtype=torch.bool)
+    small = (~large).nonzero()[:, 0]
+    pairs = [_grid_pairs(boxes, labels, small, metric=metric, thresh=thresh)]
+    for box in large.nonzero()[:, 0]:
+        others = ((labels == labels[box]) & (torch.arange(len(boxes), device=boxes.device) != box)).nonzero()[:, 0]
+        mine = box.expand_as(others)
+        keep = _overlap(boxes[mine], boxes[others], metric) > thresh
+        pairs.append((mine[keep], others[keep]))
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def _grid_pairs(boxes: Tensor, labels: Tensor, index: Tensor, *, metric: str, thresh: float):
+    empty = index.new_zeros(0)
+    if len(index) < 2:
+        return empty, empty
+    boxes, labels = boxes[index], labels[index]
+    cell = max(float((boxes[:, 2:] - boxes[:, :2]).amax()), 1.0)
+    column, row = (boxes[:, 0] / cell).floor().long(), (boxes[:, 1] / cell).floor().long()
+    # An empty column and row past the last keep neighbour keys inside the same label's block.
+    num_columns, num_rows = int(column.max()) + 2, int(row.max()) + 2
+    keys, order = ((labels * num_rows + row) * num_columns + column).sort(stable=True)
+    ranges = []
+    for d_row, d_column in _NEIGHBOURS:
+        target = keys + d_row * num_columns + d_column
+        low = torch.searchsorted(keys, target, right=False)
+        if (d_row, d_column) == (0, 0):
+            low = torch.arange(1, len(keys) + 1, device=keys.device)  # after itself in its own cell
+        high = torch.searchsorted(keys, target, right=True)
+        ranges.append((low, (high - low).clamp(min=0)))
+    firsts, seconds = [], []
+    totals = sum(count for _, count in ranges).cumsum(0)  # candidates up to each position
+    steps = torch.tensor(range(MAX_CANDIDATES, int(totals[-1]), MAX_CANDIDATES), dtype=totals.dtype,
+                         device=keys.device)
+    bounds = sorted({0, len(keys), *torch.searchsorted(totals, steps).tolist()})
+    for start, stop in zip(bounds, bounds[1:]):  # chunks of about MAX_CANDIDATES candidates
+        for low, count in ranges:
+            # Candidate k belongs to position `which` (+ start), `offset` steps into its range.
+            # (searchsorted, not repeat_interleave: the latter costs milliseconds even on tiny inputs)
+            ends = count[start:stop].cumsum(0)
+            candidate = torch.arange(int(ends[-1]), device=keys.device)
+            which = torch.searchsorted(ends, candidate, right=True)
+            offset = candidate - (ends - count[start:stop])[which]
+            first, second = order[start + which], order[low[start:stop][which] + offset]
+            keep = _overlap(boxes[first], boxes[second], metric) > thresh
+            firsts.append(index[first[keep]])
+            seconds.append(index[second[keep]])
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def _overlap(boxes1: Tensor, boxes2: Tensor, metric: str) -> Tensor:
+    """Elementwise ``[P, 4]`` x ``[P, 4]`` -> ``[P]``: IoU, or intersection over the smaller area ("ios")."""
+    width = (torch.minimum(boxes1[:, 2], boxes2[:, 2]) - torch.maximum(boxes1[:, 0], boxes2[:, 0])).clamp(min=0)
+    height = (torch.minimum(boxes1[:, 3], boxes2[:, 3]) - torch.maximum(boxes1[:, 1], boxes2[:, 1])).clamp(min=0)
+    inter = width * height
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    tiny = torch.finfo(inter.dtype).tiny
+    if metric == "iou":
+        return inter / (area1 + area2 - inter).clamp(min=tiny)
+    return inter / torch.minimum(area1, area2).clamp(min=tiny)

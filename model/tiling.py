@@ -264,7 +264,8 @@ class TiledDetector:
             near = touching(private["boxes"], whole["boxes"])
             shared = concatenate([shared, select(private, near), whole])
             private = select(private, ~near)
-        merged = merge_detections(shared, method=self.merge, iou_thresh=self.merge_iou, match_thresh=self.match_thresh)
+        merged = merge_detections(shared, method=self.merge, iou_thresh=self.merge_iou, match_thresh=self.match_thresh,
+                                  cell_limit=self.tile)
         result = concatenate([private, merged])
         if self.score_thresh is not None:
             result = select(result, result["scores"] >= self.score_thresh)
