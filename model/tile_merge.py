@@ -26,8 +26,8 @@ Each window's detections arrive already shifted into the image's pixels. Three s
    the model's own NMS threshold by default; the same survivors as
    ``torchvision.ops.batched_nms``); ``"greedy"`` lets each box, best score first, absorb the
    unabsorbed same-class boxes whose intersection over the smaller box exceeds
-   ``match_thresh``, and reports their union with its score (pieces of one object, or a piece
-   inside a whole-image box, become one box). Both compare a box only with the boxes near it
+   ``match_thresh``, and reports their union with its score, pass after pass until nothing
+   matches (pieces of one object, or pieces inside a whole-image box, become one box). Both compare a box only with the boxes near it
    on a grid (:func:`matching_pairs`), so the work grows with the number of detections, not
    with its square: a 10000 x 10000 image has a few hundred thousand.
 """
@@ -124,44 +124,57 @@ def merge_detections(detections: dict, *, method: str, iou_thresh: float, match_
                      cell_limit: float = None) -> dict:
     """Step 3: ``{"boxes" [D, 4], "scores" [D], "labels" [D]}`` -> the merged set (any order).
 
-    ``cell_limit``: boxes wider or taller than this (whole-image detections) are compared with every
-    box of their class; the rest only with their neighbours on a grid (:func:`matching_pairs`).
+    Best score first (the larger box first among equal scores: it has seen more of the object).
+    ``"greedy"`` repeats its pass over the unions until no two boxes of a class overlap above
+    ``match_thresh``: a union that has grown over a seam then absorbs the pieces on the other
+    side, which the first pass compared with a smaller box. ``cell_limit``: boxes wider or taller
+    than this (whole-image detections, grown unions) are compared with every box of their
+    class; the rest only with their neighbours on a grid (:func:`matching_pairs`).
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"merge method must be one of {MERGE_METHODS}, got {method!r}")
-    boxes, scores, labels = detections["boxes"], detections["scores"], detections["labels"]
     metric, thresh = ("iou", iou_thresh) if method == "nms" else ("ios", match_thresh)
-    first, second = matching_pairs(boxes, labels, metric=metric, thresh=thresh, cell_limit=cell_limit)
-    owner = greedy_owners(scores, first, second)
-    keepers = (owner == torch.arange(len(owner), device=owner.device)).nonzero()[:, 0]
-    if method == "nms":
-        return select(detections, keepers)
-    # greedy: each keeper becomes the union of the boxes it absorbed
-    union = boxes.new_zeros((len(boxes), 4))
-    union[:, :2] = float("inf")
-    union[:, 2:] = float("-inf")
-    for column, reduce in ((0, "amin"), (1, "amin"), (2, "amax"), (3, "amax")):
-        union[:, column].scatter_reduce_(0, owner, boxes[:, column], reduce=reduce)
-    return {"boxes": union[keepers], "scores": scores[keepers], "labels": labels[keepers]}
+    while True:
+        boxes, scores, labels = detections["boxes"], detections["scores"], detections["labels"]
+        first, second = matching_pairs(boxes, labels, metric=metric, thresh=thresh, cell_limit=cell_limit)
+        if not len(first):
+            return detections
+        owner = claim_in_order(merge_order(boxes, scores), first, second)
+        keepers = (owner == torch.arange(len(owner), device=owner.device)).nonzero()[:, 0]
+        if method == "nms":
+            return select(detections, keepers)
+        union = boxes.new_zeros((len(boxes), 4))  # each keeper becomes the union of the boxes it claimed
+        union[:, :2] = float("inf")
+        union[:, 2:] = float("-inf")
+        for column, reduce in ((0, "amin"), (1, "amin"), (2, "amax"), (3, "amax")):
+            union[:, column].scatter_reduce_(0, owner, boxes[:, column], reduce=reduce)
+        detections = {"boxes": union[keepers], "scores": scores[keepers], "labels": labels[keepers]}
 
 
-def greedy_owners(scores: Tensor, first: Tensor, second: Tensor) -> Tensor:
-    """Best score first, each box not yet claimed claims itself and every unclaimed box it is paired
-    with; ``LongTensor[D]``: the claiming box of each. With IoU pairs the boxes that claim themselves
-    are exactly NMS's survivors; with intersection-over-smaller pairs, greedy merging's groups."""
-    count = len(scores)
+def merge_order(boxes: Tensor, scores: Tensor) -> list:
+    """Indices by decreasing score, and by decreasing area among equal scores."""
+    by_area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argsort(descending=True, stable=True)
+    return by_area[scores[by_area].argsort(descending=True, stable=True)].tolist()
+
+
+def claim_in_order(order: list, first: Tensor, second: Tensor) -> Tensor:
+    """In ``order``, each box not yet claimed claims itself and every unclaimed box it is paired with
+    (``first[p]`` with ``second[p]``); ``LongTensor[D]``: the claiming box of each. With IoU pairs the
+    boxes that claim themselves are exactly NMS's survivors; with intersection-over-smaller pairs,
+    greedy merging's groups."""
+    count = len(order)
     ends = torch.cumsum(torch.bincount(torch.cat([first, second]).cpu(), minlength=count), 0).tolist()
     both = torch.cat([first, second]).cpu()
     partners = torch.cat([second, first]).cpu()[both.argsort(stable=True)].tolist()
     owner = [-1] * count
-    for box in scores.argsort(descending=True, stable=True).tolist():
+    for box in order:
         if owner[box] >= 0:
             continue
         owner[box] = box
         for partner in partners[ends[box - 1] if box else 0:ends[box]]:
             if owner[partner] < 0:
                 owner[partner] = box
-    return torch.tensor(owner, dtype=torch.int64, device=scores.device)
+    return torch.tensor(owner, dtype=torch.int64, device=first.device)
 
 
 # Forward neighbours on the grid: each pair of neighbouring cells is visited once.
