@@ -17,6 +17,7 @@ from model import ModelConfig, RetinaNet
 from model.tile_merge import merge_detections
 from model.tiling import (TiledDetector, TileOptions, axis_positions, tile_detector, tile_positions,
                           tile_stride)
+from test_video import make_clip
 from utils.runtime.checkpoint import save_checkpoint
 from utils.runtime.errors import ConfigError
 
@@ -305,6 +306,21 @@ def test_a_crop_trained_checkpoint_tiles_by_default_and_tile_0_turns_it_off(chec
     whole = run_inference(*common, "--output-dir", tmp_path / "whole", "--tile-whole-image", "--tile-merge", "greedy",
                           "--tile-max-detections", "5")
     assert whole["tile"] == 64 and 0 < len(detections(tmp_path / "whole")) <= 5
+
+
+def test_videos_tile_too(checkpoints, tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", num_frames=3)  # 65 x 49: two windows of 64, padded below
+    frames = {}
+    for tile in (None, "0"):
+        out = tmp_path / f"tile_{tile}"
+        summary = run_inference("--checkpoint", checkpoints["crop"], "--input", clip, "--output-dir", out,
+                                "--workers", "0", "--score-threshold", "0.3", *(["--tile", tile] if tile else []))
+        assert summary["tile"] == (64 if tile is None else 0) and summary["videos"][0]["num_frames"] == 3
+        frames[tile] = json.loads((out / "clip_frames.json").read_text())["frames"]
+    tiled = frames[None][0]["detections"]
+    assert tiled and all(0 <= d["box"][0] <= d["box"][2] <= 65 and 0 <= d["box"][1] <= d["box"][3] <= 49
+                         for d in tiled)
+    assert tiled != frames["0"][0]["detections"]
 
 
 @pytest.mark.slow  # one process forked per case: seconds
