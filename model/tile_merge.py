@@ -20,16 +20,16 @@ Each window's detections arrive already shifted into the image's pixels. Three s
    window that no other window covers cannot overlap any other window's detection, and the
    model has already suppressed duplicates inside its window: it is kept as it is. Only the
    rest (the detections in the shared bands, and those touching a whole-image detection)
-   go through the merge, so a 10000 x 10000 image is not one quadratic NMS over every
-   detection.
+   go through the merge.
 3. **Merge** the rest, per class: ``"nms"`` is class-aware NMS (IoU above ``iou_thresh``,
    the model's own NMS threshold by default; the same survivors as
    ``torchvision.ops.batched_nms``); ``"greedy"`` lets each box, best score first, absorb the
    unabsorbed same-class boxes whose intersection over the smaller box exceeds
    ``match_thresh``, and reports their union with its score, pass after pass until nothing
-   matches (pieces of one object, or pieces inside a whole-image box, become one box). Both compare a box only with the boxes near it
-   on a grid (:func:`matching_pairs`), so the work grows with the number of detections, not
-   with its square: a 10000 x 10000 image has a few hundred thousand.
+   matches (pieces of one object, or pieces inside a whole-image box, become one box). Both
+   compare a box only with the boxes near it on a grid (:func:`matching_pairs`), so the work
+   grows with the number of detections, not with its square: a 10000 x 10000 image has a
+   few hundred thousand.
 """
 import torch
 from torch import Tensor

@@ -179,7 +179,10 @@ def greedy_reference(detections: dict, thresh: float) -> set:
         return inter / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
     while True:
-        order = sorted(range(len(boxes)), key=lambda i: (-scores[i], -(boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])))
+        def priority(i):  # best score first, the larger box first among equal scores
+            return -scores[i], -(boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])
+
+        order = sorted(range(len(boxes)), key=priority)
         claimed, groups = set(), []
         for i in order:
             if i in claimed:
@@ -358,5 +361,6 @@ def test_tiling_benchmark_runs_at_a_toy_size(tmp_path):
     saved = json.loads((tmp_path / "tiling_cpu_150x200.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["conditions"]["windows"] == len(tile_positions(150, 200, 64, 0.25)) == 12
-    assert saved["results"]["windows_per_s"] > 0 and saved["results"]["peak_rss_mib"] >= saved["results"]["rss_before_mib"]
+    results = saved["results"]
+    assert results["windows_per_s"] > 0 and results["peak_rss_mib"] >= results["rss_before_mib"]
     assert (tmp_path / "tiling_cpu_150x200.md").read_text().startswith("# Sliced inference: 150 x 200")
