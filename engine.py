@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from model.tiling import TiledDetector, TileOptions, tile_detector
 from utils.evaluation.coco_eval import (format_metrics_table, per_category_metrics, predictions_to_coco_results,
                                         score_coco_results)
 from utils.evaluation.pr_plot import plot_pr_curves
@@ -264,7 +265,7 @@ class BadImageBudget:
 
 @torch.no_grad()
 def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_dir=None, amp="none",
-             show_progress: bool = True, plot: bool = False) -> dict:
+             show_progress: bool = True, plot: bool = False, tiling: TileOptions = None) -> dict:
     """Run ``model`` over ``data_loader`` and score the detections with COCOeval (bbox).
 
     Args:
@@ -278,13 +279,17 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
         label_to_cat_id: label k -> dataset category id (sequence or mapping).
         output_dir: if set, rank 0 writes ``results.json``, ``metrics.json`` (and PNGs with ``plot``).
         amp: ``--amp``: "none", "auto" (fp16 on CUDA, bf16 on CPU), "fp16" or "bf16" (``utils.runtime.device``).
+        tiling: sliced inference (``model.tiling.TileOptions``); None = the model's default: a model
+            trained on crops (``config["crop_size"] > 0``) runs on windows of its own size and scale,
+            any other as it is; ``TileOptions(tile=0)`` never tiles.
 
     Returns:
         the 12 COCO figures (fraction or None, see ``utils.evaluation.coco_eval``) plus ``"per_category"``.
         Every rank returns the same dict: rank 0 scores and broadcasts it, so all ranks can
         take the same decision (best checkpoint, early stop) without another collective.
     """
-    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp, show_progress)
+    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp, show_progress,
+                                              tiling=tiling)
     metrics = None
     if distributed.is_main_process():
         if output_dir is not None:
@@ -294,8 +299,9 @@ def evaluate(model, data_loader, coco_gt: COCO, label_to_cat_id, device, output_
 
 
 @torch.no_grad()
-def predict_coco_results(model, data_loader, label_to_cat_id, device, amp="none", show_progress: bool = True):
-    """Run ``model`` over ``data_loader`` (see :func:`evaluate`), gathered over DDP ranks.
+def predict_coco_results(model, data_loader, label_to_cat_id, device, amp="none", show_progress: bool = True,
+                         tiling: TileOptions = None):
+    """Run ``model`` over ``data_loader`` (see :func:`evaluate`, also for ``tiling``), gathered over DDP ranks.
 
     Returns ``(results, image_ids)`` on every rank: the COCO results list
     (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``, by image id) and the
@@ -305,6 +311,9 @@ def predict_coco_results(model, data_loader, label_to_cat_id, device, amp="none"
     dtype = autocast_dtype(amp, device)
     was_training = model.training
     model.eval()
+    detector = tile_detector(model, tiling, show_progress=show_progress and distributed.is_main_process())
+    if isinstance(detector, TiledDetector) and distributed.is_main_process():
+        logger.info("sliced evaluation: %s", detector.describe())
     results_by_image = {}  # image_id -> COCO results; an image without detections still counts as evaluated
     progress = tqdm(total=_num_images(data_loader), unit="img", desc="eval",
                     disable=not (show_progress and distributed.is_main_process()))
@@ -312,7 +321,7 @@ def predict_coco_results(model, data_loader, label_to_cat_id, device, amp="none"
     for images, targets in data_loader:
         images = [image.to(device, non_blocking=True) for image in images]
         with autocast(device, dtype):
-            outputs = model(images)
+            outputs = detector(images)
         if len(outputs) != len(images):
             raise ValueError(f"model returned {len(outputs)} predictions for {len(images)} images")
         for output, target in zip(outputs, targets):

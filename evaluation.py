@@ -19,6 +19,11 @@ The evaluation loop itself is ``engine.evaluate``, which train.py also calls aft
 An --onnx file (float or INT8, from export.py) runs in ONNX Runtime one image per call
 (``deploy.predict.OnnxEvalModel``) through the same loader, matching and report; its
 category table comes from the file's metadata.
+
+Large images: a model trained on crops (``config["crop_size"] > 0``) is evaluated on whole
+images tile by tile, at its own window and scale, without a flag (as after each training
+epoch); ``--tile N`` tiles any model, ``--tile 0`` turns it off (``model/tiling.py``).
+With --onnx the graph takes one window and the tiling and merge run around it.
 """
 import argparse
 import logging
@@ -30,7 +35,7 @@ from pycocotools.coco import COCO
 
 import coco_dataset
 from deploy.ort_detector import OnnxDetector
-from deploy.predict import OnnxEvalModel
+from deploy.predict import OnnxEvalModel, add_tile_arguments, tile_options
 from engine import evaluate, predict_coco_results, report_coco_metrics
 from model.weights import load_detector, read_weights
 from utils.data.coco_annotations import build_coco_index, load_coco_json, parse_coco_detection
@@ -72,6 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="autocast the forward pass; auto (or a bare --amp) = fp16 on CUDA, bf16 on CPU")
     parser.add_argument("--device", default="auto", help="auto (this rank's GPU if CUDA is there, else cpu), cpu, cuda")
     parser.add_argument("--plot", action="store_true", help="also save precision-recall curves (needs matplotlib)")
+    add_tile_arguments(parser)
     return parser
 
 
@@ -123,9 +129,10 @@ def evaluate_checkpoint(args, device: torch.device) -> dict:
                 spec, split, len(dataset), distributed.get_world_size(), device)
     model = model.to(device).optimize_for(device)
     if args.results_only:
-        return write_results_only(model, data_loader, label_to_cat_id, device, Path(output_dir), args.amp)
+        return write_results_only(model, data_loader, label_to_cat_id, device, Path(output_dir), args.amp,
+                                  tiling=tile_options(args))
     return evaluate(model, data_loader, dataset.coco, label_to_cat_id, device,
-                    output_dir=output_dir, amp=args.amp, plot=args.plot)
+                    output_dir=output_dir, amp=args.amp, plot=args.plot, tiling=tile_options(args))
 
 
 def evaluate_onnx(args) -> dict:
@@ -149,8 +156,9 @@ def evaluate_onnx(args) -> dict:
                 distributed.get_world_size(), ", ".join(detector.providers))
     model, cpu = OnnxEvalModel(detector), torch.device("cpu")  # images stay on the CPU, ORT moves them
     if args.results_only:
-        return write_results_only(model, data_loader, label_to_cat_id, cpu, output_dir)
-    return evaluate(model, data_loader, dataset.coco, label_to_cat_id, cpu, output_dir=output_dir, plot=args.plot)
+        return write_results_only(model, data_loader, label_to_cat_id, cpu, output_dir, tiling=tile_options(args))
+    return evaluate(model, data_loader, dataset.coco, label_to_cat_id, cpu, output_dir=output_dir, plot=args.plot,
+                    tiling=tile_options(args))
 
 
 def _dataset(args, data_path, split: str) -> coco_dataset.CocoDetection:
@@ -163,9 +171,10 @@ def _dataset(args, data_path, split: str) -> coco_dataset.CocoDetection:
     return coco_dataset.CocoDetection(image_dir, ann_file, image_info=args.results_only)
 
 
-def write_results_only(model, data_loader, label_to_cat_id, device, output_dir: Path, amp="none") -> dict:
+def write_results_only(model, data_loader, label_to_cat_id, device, output_dir: Path, amp="none",
+                       tiling=None) -> dict:
     """--results-only: the COCO results of every image into ``output_dir/results.json``, nothing scored."""
-    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp)
+    results, image_ids = predict_coco_results(model, data_loader, label_to_cat_id, device, amp, tiling=tiling)
     path = output_dir / "results.json"
     if distributed.is_main_process():
         write_json_atomic(path, results)
@@ -184,6 +193,9 @@ def main(args) -> dict:
     setup_logging(verbose=False)
     if args.results_only and args.results:
         raise UserError("--results-only runs a model: give --checkpoint, --weights or --onnx, not --results")
+    tiling = tile_options(args)  # a bad --tile value is reported before anything loads
+    if args.results and (args.tile is not None or tiling.tiling_flags()):
+        raise UserError("--tile flags choose how a model runs; --results scores a file of detections")
     try:
         if args.results:  # scoring a file is one process's job
             return score_results_file(args) if distributed.is_main_process() else None

@@ -19,6 +19,11 @@ detects on every Nth frame. Frames stream through in batches, so memory stays fl
 on long footage; a broken or truncated video keeps the frames that decoded
 (``utils/visual/video.py``).
 
+Large images: a model trained on crops (``train.py --crop-size``) runs on overlapping windows
+of its own window and scale with no flag, its detections merged across the seams
+(``--tile 0`` turns this off); ``--tile N`` tiles any model, images and videos alike
+(``model/tiling.py``; ``--onnx``: the graph takes one window, the tiling runs around it).
+
 This command parses the options and loads the model; the work is library code:
 ``utils/data/inputs.py`` lists the inputs and names the outputs, ``deploy/predict.py``
 runs the detector (eager or ONNX) over images and videos and writes the results.
@@ -30,7 +35,9 @@ import os
 import torch
 
 from deploy.ort_detector import OnnxDetector
-from deploy.predict import detect_images, detect_videos, finish_images, finish_videos
+from deploy.predict import (OnnxEvalModel, add_tile_arguments, detect_images, detect_videos, finish_images,
+                            finish_videos, tile_options)
+from model.tiling import TiledDetector, tile_detector
 from model.weights import load_detector
 from utils.data.coco_annotations import read_image_list
 from utils.data.inputs import (check_outputs, frames_file_name, list_images, make_output_dir,
@@ -49,6 +56,8 @@ EXAMPLES = """examples:
   python inference.py --checkpoint output/checkpoint.pth --input photos/ --output-dir photos_detected
   python inference.py --weights RetinaNet_ResNet50_FPN_Weights.COCO_V1 --input "shots/*.png" img.jpg --amp
   python inference.py --onnx model.onnx --input photos/ --device cpu    # exported by export.py, ONNX Runtime
+  python inference.py --checkpoint crops/checkpoint.pth --input big.tif  # trained with --crop-size: tiled
+  python inference.py --checkpoint output/checkpoint.pth --input big.tif --tile 800 --tile-overlap 0.2
 """
 
 
@@ -82,6 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--amp", nargs="?", const="auto", default="none", choices=AMP_CHOICES,
                         help="autocast the forward pass; auto (or a bare --amp) = fp16 on CUDA, bf16 on CPU")
+    tiling = add_tile_arguments(parser)
+    tiling.add_argument("--tile-max-detections", type=int, metavar="N", help="with tiling: keep at most N "
+                        "detections per image after the merge; None = the model's detections_per_img (raise it "
+                        "for large images with many objects)")
     return parser
 
 
@@ -129,6 +142,7 @@ def main(args) -> dict:
     """Returns the run's summary; raises InferenceError when nothing could be processed."""
     if args.batch_size < 1 or args.workers < 0 or not 0 <= args.score_threshold <= 1 or args.every < 1:
         raise InferenceError("--batch-size and --every must be >= 1, --workers >= 0 and --score-threshold in [0, 1]")
+    tiling = tile_options(args)
     paths, num_skipped = list_images(args.input, args.recursive)
     if not paths:
         raise InferenceError(f"no image files (and no videos) found in --input {' '.join(args.input)}")
@@ -138,27 +152,34 @@ def main(args) -> dict:
                   paths + videos, args.overwrite)
     coco_results = coco_results_writer(args, paths)
     if args.onnx:
-        model, device, amp_dtype = load_onnx_model(args), torch.device("cpu"), None  # images stay on the CPU
-        categories = model.categories
+        detector, device, amp_dtype = load_onnx_model(args), torch.device("cpu"), None  # images stay on the CPU
+        categories = detector.categories
+        model = tile_detector(OnnxEvalModel(detector), tiling)  # the graph takes one window; tiling runs around it
+        if not isinstance(model, TiledDetector):
+            model = detector
     else:
         device = resolve_device(args.device)
         amp_dtype = autocast_dtype(args.amp, device)
         model, categories = load_model(args)
-        model.to(device).optimize_for(device)
+        model = tile_detector(model.to(device).optimize_for(device), tiling)
+    tile = model.tile if isinstance(model, TiledDetector) else 0
+    if tile:
+        logger.info("sliced inference: %s", model.describe())
     output_dir, made_output_dir = make_output_dir(args.output_dir), args.output_dir is None
     video_summaries, num_failed = detect_videos(videos, video_names, model, categories, output_dir, device=device,
                                                 amp_dtype=amp_dtype, score_threshold=args.score_threshold,
                                                 every=args.every, batch_size=args.batch_size)
     num_skipped += num_failed
     if not paths:
-        return finish_videos(video_summaries, num_skipped, output_dir, made_output_dir)
+        return {**finish_videos(video_summaries, num_skipped, output_dir, made_output_dir), "tile": tile}
     logger.info("%d images -> %s (device %s%s)", len(paths), output_dir, device,
                 f", autocast {amp_dtype}" if amp_dtype else "")
     found = detect_images(model, paths, names, categories, output_dir, device=device, amp_dtype=amp_dtype,
                           score_threshold=args.score_threshold, batch_size=args.batch_size, workers=args.workers,
                           coco_results=coco_results)
-    return finish_images(found, video_summaries, num_skipped + found["num_skipped"], output_dir, made_output_dir,
-                         num_images=len(paths), score_threshold=args.score_threshold, coco_results=coco_results)
+    summary = finish_images(found, video_summaries, num_skipped + found["num_skipped"], output_dir, made_output_dir,
+                            num_images=len(paths), score_threshold=args.score_threshold, coco_results=coco_results)
+    return {**summary, "tile": tile}
 
 
 if __name__ == "__main__":

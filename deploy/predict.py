@@ -1,7 +1,10 @@
 """Running a detector over image files and videos, and writing what it finds (inference.py's work).
 
-The detector is either an eager :class:`model.retinanet.RetinaNet` in eval mode or an
-:class:`deploy.ort_detector.OnnxDetector`; :func:`predict` gives both the same call surface.
+The detector is an eager :class:`model.retinanet.RetinaNet` in eval mode, an
+:class:`deploy.ort_detector.OnnxDetector`, or either (the ONNX one as :class:`OnnxEvalModel`)
+run window by window by :class:`model.tiling.TiledDetector`; :func:`predict` gives them
+the same call surface. :func:`add_tile_arguments` / :func:`tile_options` are the
+sliced-inference flags inference.py and evaluation.py share.
 What comes out, per image or detected frame, is the torchvision convention: boxes
 ``FloatTensor[D, 4]`` absolute ``x1, y1, x2, y2`` in the image's own pixels, ``scores
 FloatTensor[D]``, ``labels Int64Tensor[D]`` indexing ``categories`` (``[{"id", "name"}]``,
@@ -19,6 +22,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from deploy.ort_detector import OnnxDetector
+from model.tile_merge import DEFAULT_MERGE, MERGE_METHODS
+from model.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, TileOptions
 from utils.data.inputs import frames_file_name, image_loader, remove_if_empty
 from utils.evaluation.coco_results import CocoResultsWriter
 from utils.runtime.atomic_io import write_json_atomic
@@ -62,6 +67,51 @@ class OnnxEvalModel:
 
     def __call__(self, images: list) -> list:
         return predict(self.detector, images, torch.device("cpu"))
+
+    # What model/tiling.py reads from a model, from the file's metadata.
+    @property
+    def config(self) -> dict:
+        """The exported model's ``ModelConfig`` fields ({} for a file without them)."""
+        return dict(self.detector.metadata.get("model_config") or {})
+
+    @property
+    def input_size(self):
+        """``(H, W)`` of a --fixed-size export, None when the graph takes any size."""
+        return self.detector.fixed_size
+
+    @property
+    def nms_thresh(self) -> float:
+        return float(self.detector.metadata.get("nms_thresh", self.config.get("nms_thresh", 0.5)))
+
+    @property
+    def detections_per_img(self) -> int:
+        return int(self.detector.metadata.get("detections_per_img", self.config.get("detections_per_img", 100)))
+
+
+def add_tile_arguments(parser):
+    """inference.py's and evaluation.py's sliced-inference flags (``model/tiling.py``); returns their group."""
+    group = parser.add_argument_group("sliced inference (large images; model/tiling.py)")
+    group.add_argument("--tile", type=int, metavar="N", help="run the model on overlapping N x N windows (pixels of "
+                       "the original image) and merge their detections; None = the model's own: windows of "
+                       "crop_size / crop_scale px for a model trained on crops, no tiling otherwise; 0 = no tiling")
+    group.add_argument("--tile-overlap", type=float, metavar="F", help="share of a window its neighbour also "
+                       f"covers, in [0, 1); None = {DEFAULT_OVERLAP}. Objects up to about F x N px are reported "
+                       "whole from one window")
+    group.add_argument("--tile-merge", choices=MERGE_METHODS, help="how duplicates across seams merge: nms "
+                       "(class-aware NMS at the model's IoU threshold) or greedy (a box absorbs same-class boxes "
+                       f"overlapping it, union box, best score); None = {DEFAULT_MERGE}")
+    group.add_argument("--tile-whole-image", action="store_true", help="also run the model on the whole image "
+                       "and merge its detections in (objects larger than the overlap)")
+    group.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH, metavar="N",
+                       help="windows per forward pass")
+    return group
+
+
+def tile_options(args) -> TileOptions:
+    """The sliced-inference flags as a :class:`TileOptions` (a bad value: one-line ConfigError)."""
+    return TileOptions(tile=args.tile, overlap=args.tile_overlap, merge=args.tile_merge,
+                       whole_image=args.tile_whole_image, batch=args.tile_batch,
+                       max_detections=getattr(args, "tile_max_detections", None))
 
 
 def image_record(path, output_name, image, boxes, scores, labels, categories) -> dict:

@@ -89,6 +89,40 @@ def test_inference_onnx_writes_the_checkpoints_detections_json(plain, tmp_path):
         assert (tmp_path / "onnx" / other["output_file"]).is_file()
 
 
+def test_the_onnx_path_tiles_like_the_pytorch_one(plain, tmp_path):
+    """--tile 64 (the model's min_size: windows are not resized): ONNX Runtime runs each window, the
+    tiling and merge run around it; the detections match the eager model's, tiled the same way."""
+    threshold = str(plain.model.score_thresh)
+    runs = {}
+    for source, flag in ((plain.checkpoint, "--checkpoint"), (plain.onnx, "--onnx")):
+        summary = inference.main(inference.get_args_parser().parse_args(
+            [flag, str(source), "--input", str(plain.images), "--output-dir", str(tmp_path / flag[2:]),
+             "--score-threshold", threshold, "--workers", "0", "--device", "cpu", "--tile", "64",
+             "--tile-overlap", "0.3"]))
+        assert summary["tile"] == 64
+        runs[flag] = {r["file_name"]: r for r in json.loads((tmp_path / flag[2:] / "detections.json").read_text())}
+    untiled = inference.main(inference.get_args_parser().parse_args(
+        ["--onnx", str(plain.onnx), "--input", str(plain.images / "tall.png"), "--output-dir", str(tmp_path / "plain"),
+         "--score-threshold", threshold, "--workers", "0", "--device", "cpu"]))
+    assert untiled["tile"] == 0
+    eager, onnx_run = runs["--checkpoint"], runs["--onnx"]
+    assert set(eager) == set(onnx_run) == {"wide.png", "tall.png", "panorama.png", "blank.png"}
+    for file_name, record in eager.items():
+        comparison = compare_detections(_detections(record), _detections(onnx_run[file_name]), 1e-4 + 1e-9,
+                                        1e-2 + 1e-9)
+        assert comparison["ok"], (file_name, comparison)
+    assert len(eager["tall.png"]["detections"]) > 0
+    assert _detections(eager["tall.png"])["boxes"].tolist() != \
+        _detections(json.loads((tmp_path / "plain" / "detections.json").read_text())[0])["boxes"].tolist()
+
+
+def test_a_fixed_size_export_cannot_tile_other_windows(plain, tmp_path):
+    with pytest.raises(UserError, match=r"exported graph takes 75 x 110 inputs only, not windows of 64 x 64"):
+        inference.main(inference.get_args_parser().parse_args(
+            ["--onnx", str(plain.fixed), "--input", str(plain.images / "wide.png"), "--output-dir",
+             str(tmp_path / "out"), "--workers", "0", "--device", "cpu", "--tile", "64"]))
+
+
 @pytest.mark.slow  # several processes, seconds each: out of the edit-test loop
 def test_bad_inputs_stop_with_one_line(plain, tmp_path):
     corrupt = tmp_path / "corrupt.onnx"
