@@ -1,7 +1,7 @@
 """Cut a COCO-format dataset of large images into a COCO-format dataset of tiles, for other tools.
 
     python tools/tile_dataset.py --data-path data/survey --split train --output data/survey_tiles --tile 512
-    python tools/tile_dataset.py --data-path data/survey --split val --output data/survey_tiles --tile 512 --overlap 0.25
+    python tools/tile_dataset.py --data-path data/survey --split val --output data/survey_tiles --overlap 0.25
 
 writes ``OUTPUT/annotations/instances_SPLIT.json`` and ``OUTPUT/SPLIT/`` with one image per
 ``--tile`` x ``--tile`` window (smaller where the image is: tiles are never padded nor
