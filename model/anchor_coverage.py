@@ -67,14 +67,27 @@ class BoxSet:
             image_sizes = image_sizes[chosen]
         return cls(boxes.float(), labels.long(), image_index.long(), image_sizes.double())
 
+    def sample(self, max_boxes: int, seed: int = 0) -> "BoxSet":
+        """At most ``max_boxes`` of the boxes, drawn at random (seeded); ``self`` when it has no more."""
+        if len(self.boxes) <= max_boxes:
+            return self
+        chosen = torch.randperm(len(self.boxes), generator=torch.Generator().manual_seed(seed))[:max_boxes]
+        return BoxSet(self.boxes[chosen], self.labels[chosen], self.image_index[chosen], self.image_sizes)
+
 
 def training_image_sizes(image_sizes: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """``[I, 2]`` (height, width) after ``model.transform.ImageBatcher``'s training resize.
 
     Multi-scale training (several ``min_size``) draws a size per image; here image ``i``
-    takes ``min_size[i % n]``, so every training size is represented evenly.
+    takes ``min_size[i % n]``, so every training size is represented evenly. A model trained
+    on crops (``crop_size`` > 0) sees its boxes at their size in the image scaled by
+    ``crop_scale``, never resized to ``min_size``: its windows are cut from that image, and
+    a window's grid sits at a random offset, as random relative to a box as the box's own
+    place in the image, so the scaled image's grid gives the same share in expectation.
     """
     image_sizes = image_sizes.double()
+    if config.crop_size:
+        return torch.floor(image_sizes * config.crop_scale)
     if config.fixed_size:
         return torch.tensor(config.fixed_size, dtype=torch.float64).expand_as(image_sizes).clone()
     min_sizes = config.min_size if isinstance(config.min_size, tuple) else (config.min_size,)
@@ -194,7 +207,8 @@ def _candidates(config: ModelConfig):
     """``(cost, changes)`` for the settings worth trying, cheapest first within a kind of change.
 
     Smaller anchors cost nothing; more scales per octave or aspect ratios add anchors
-    (a larger head output); a larger input size costs compute with its square.
+    (a larger head output); a larger input size costs compute with its square, and so does
+    a larger ``crop_scale`` for a model trained on crops (more windows per image).
     """
     min_sizes = config.min_size if isinstance(config.min_size, tuple) else (config.min_size,)
     ratios = tuple(sorted(set(config.aspect_ratios) | {0.25, 4.0}))
@@ -210,7 +224,9 @@ def _candidates(config: ModelConfig):
                         changes["scales_per_octave"] = config.scales_per_octave + extra_scales
                     if ratio_set != config.aspect_ratios:
                         changes["aspect_ratios"] = ratio_set
-                    if size_factor != 1:
+                    if size_factor != 1 and config.crop_size:  # crops: the images' scale, not the window
+                        changes["crop_scale"] = config.crop_scale * size_factor
+                    elif size_factor != 1:
                         changes["min_size"] = tuple(round(s * size_factor) for s in min_sizes)
                         changes["max_size"] = round(config.max_size * size_factor)
                     if changes or size_factor == 1:
@@ -224,11 +240,7 @@ def suggest_settings(box_set: BoxSet, config: ModelConfig, target: float = POOR_
     """The cheapest change of anchor sizes, scales, aspect ratios or input size whose coverage
     reaches ``target`` (else the one with the highest coverage), or None when nothing gains
     at least 5 points over ``config``. Scored on up to ``max_boxes`` boxes drawn at random."""
-    sample = box_set
-    if len(box_set.boxes) > max_boxes:
-        chosen = torch.randperm(len(box_set.boxes), generator=torch.Generator().manual_seed(seed))[:max_boxes]
-        sample = BoxSet(box_set.boxes[chosen], box_set.labels[chosen], box_set.image_index[chosen],
-                        box_set.image_sizes)
+    sample = box_set.sample(max_boxes, seed)
     baseline = measure_coverage(sample, config).fg
     scored = []
     for cost, changes in sorted(_candidates(config), key=lambda item: item[0]):

@@ -12,6 +12,13 @@ share of boxes whose best anchor reaches the foreground IoU threshold (and 0.4),
 and per size range (model/anchor_coverage.py); and, when that share is poor, the cheapest
 change of flags found to raise it, with the coverage it gives. ``--draw N`` writes N images
 with their ground truth drawn, for a visual check of the boxes.
+
+Large images: the coverage is also measured on crops at native resolution (boxes at their
+own size, or times ``--crop-scale``, never resized to ``--min-size``) and at the largest
+affordable whole-image size; when whole images stay poor at every affordable size and crops
+do better, it suggests ``--crop-size N --crop-scale S`` (and anchors if still needed), with
+the coverage, a rough memory per step, and the tiling inference then does by default
+(model/crop_advice.py states the rule and the memory model).
 """
 import argparse
 import logging
@@ -29,6 +36,8 @@ import coco_dataset  # noqa: E402
 from model.anchor_coverage import (FIRST_LEVEL, POOR_COVERAGE, BoxSet, measure_coverage,  # noqa: E402
                                    suggest_settings, training_image_sizes)
 from model.anchors import default_anchor_sizes  # noqa: E402
+from model.crop_advice import (AFFORDABLE_SIDE, affordable_whole_image_coverage, suggest_crops,  # noqa: E402
+                               window_size)
 from model.weights import configure_from_weights, read_weights  # noqa: E402
 from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
@@ -57,6 +66,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                        "drawn (spread over the split) into --draw-dir")
     check.add_argument("--draw-dir", help="where --draw writes (default: output/dataset_check/SPLIT)")
     check.add_argument("--json", help="also write the figures (and the suggestion) to this JSON file")
+    # train.py's crop options, until its parser has them: the same dests, so resolve_config reads them alike.
+    if "--crop-size" not in parser._option_string_actions:
+        check.add_argument("--crop-size", type=int, metavar="N", help="check training on N x N windows at native "
+                           "resolution (times --crop-scale) instead of whole images (default 0: whole images)")
+    if "--crop-scale" not in parser._option_string_actions:
+        check.add_argument("--crop-scale", type=float, metavar="S", help="with --crop-size: the factor the images "
+                           "are scaled by before cropping (default 1: native resolution)")
     return parser
 
 
@@ -75,10 +91,11 @@ def percentiles(values: torch.Tensor) -> str:
     return "  ".join(f"{p:8.1f}" for p in points)
 
 
-def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
+def describe(dataset, box_set: BoxSet, crowd_labels, model_config, batch_size: int) -> dict:
     """Print the report; return its figures as a plain dict."""
     num_classes, names = dataset.num_classes, dataset.category_names
     coverage = measure_coverage(box_set, model_config)
+    crops = suggest_crops(box_set, model_config, batch_size) if coverage.fg < POOR_COVERAGE else None
     images_with_boxes = torch.unique(box_set.image_index)
     pairs = torch.unique(box_set.image_index * num_classes + box_set.labels)  # (image, class) present
     images_per_class = torch.bincount(pairs % num_classes, minlength=num_classes)
@@ -101,6 +118,8 @@ def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
     widths = (box_set.boxes[:, 2] - box_set.boxes[:, 0]) * scale[:, 1]
     heights = (box_set.boxes[:, 3] - box_set.boxes[:, 1]) * scale[:, 0]
     sizes = model_config.fixed_size or f"shorter side {model_config.min_size}, longer side <= {model_config.max_size}"
+    if model_config.crop_size:
+        sizes = f"{model_config.crop_size} px windows of the images scaled by {model_config.crop_scale:g}"
     print(f"\nbox sizes at the training resolution ({sizes}), px:\n{'':<16}{'min':>8}  {'5%':>8}  {'median':>8}  "
           f"{'95%':>8}  {'max':>8}")
     for label, values in (("sqrt(area)", coverage.box_size), ("width", widths.float()), ("height", heights.float()),
@@ -121,12 +140,18 @@ def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
     stride = 2 ** FIRST_LEVEL
     tiny = coverage.box_size < 2 * stride
     if tiny.float().mean() > 0.05 and coverage.share(fg, tiny) < POOR_COVERAGE:
+        remedy = "training on crops does (below)" if crops else "scaling the images up (--min-size, --max-size) does"
         print(f"{tiny.float().mean():.0%} of the boxes are under {2 * stride} px at the training resolution, "
               f"twice the {stride} px stride of P3: on a grid that coarse no anchor size fits them all well "
-              f"({_pct(coverage.share(fg, tiny))} covered); scaling the images up (--min-size, --max-size) does")
+              f"({_pct(coverage.share(fg, tiny))} covered); {remedy}")
 
     suggestion = suggest_settings(box_set, model_config) if coverage.fg < POOR_COVERAGE else None
-    if suggestion is not None:
+    large = describe_large_images(box_set, model_config, crops)
+    if crops is not None:
+        if suggestion is not None:
+            print(f"whole images: with {' '.join(suggestion.flags())} it would be {_pct(suggestion.coverage)}")
+        print(f"suggested: {' '.join(crops.flags())}")
+    elif suggestion is not None:
         print(f"coverage is poor (< {POOR_COVERAGE:.0%}): with {' '.join(suggestion.flags())} it would be "
               f"{_pct(suggestion.coverage)}\nsuggested: {' '.join(suggestion.flags())}")
     elif len(box_set.boxes) == 0:
@@ -145,7 +170,44 @@ def describe(dataset, box_set: BoxSet, crowd_labels, model_config) -> dict:
                          "coverage": _number(share)}
                         for low, high, count, share, _ in coverage.by_size()],
             "suggestion": None if suggestion is None else {"flags": suggestion.flags(),
-                                                           "coverage": suggestion.coverage}}
+                                                           "coverage": suggestion.coverage},
+            **large}
+
+
+def describe_large_images(box_set: BoxSet, model_config, crops) -> dict:
+    """Print the coverage on crops and at the largest affordable whole-image size, and the crop
+    advice ``crops`` (``model.crop_advice.CropSuggestion`` or None); return those figures."""
+    if len(box_set.boxes) == 0:
+        return {"training": "crops" if model_config.crop_size else "whole images", "crop_coverage": None,
+                "affordable_whole_image_coverage": None, "crop_suggestion": None}
+    if model_config.crop_size:
+        on_crops = model_config
+    else:  # at native resolution, with the model's anchors
+        window = window_size(box_set, model_config, crop_scale=1.0)
+        on_crops = model_config.replace(crop_size=window, crop_scale=1.0, min_size=window, max_size=window)
+    crop_coverage = measure_coverage(box_set, on_crops).fg
+    affordable = affordable_whole_image_coverage(box_set.sample(20000), model_config)
+    print(f"\non crops ({on_crops.crop_size} px windows of the images scaled by {on_crops.crop_scale:g}, these "
+          f"anchors): {_pct(crop_coverage)}; whole images at an affordable size (the recipe's, or longer side "
+          f"{AFFORDABLE_SIDE} px; anchors as given, halved or quartered): at most {_pct(affordable)}")
+    if crops is not None:
+        print(f"objects fall under P3's stride at every affordable whole-image size: train on crops. "
+              f"{' '.join(crops.flags())} gives {_pct(crops.coverage)}\n"
+              f"memory per step: about {crops.memory_gib:.1f} GiB for {crops.batch_size} windows, against "
+              f"{crops.whole_image_memory_gib:.1f} GiB for whole images at longer side {AFFORDABLE_SIDE} (a rough "
+              f"model: R-50 with AMP fp16, measured at 800 x 1333 batch 16, scaled by input pixels x batch; fp32 "
+              f"about doubles the activations)\ninference: a model trained on crops tiles by default, in "
+              f"{crops.tile_window} px windows of the original image (--tile 0 turns it off)")
+    advice = None if crops is None else {
+        "flags": crops.flags(), "coverage": crops.coverage, "crop_size": crops.crop_size,
+        "crop_scale": crops.crop_scale, "anchor_base_sizes": crops.anchor_base_sizes,
+        "batch_size": crops.batch_size, "memory_gib_per_step": crops.memory_gib,
+        "whole_image_memory_gib_per_step": crops.whole_image_memory_gib, "tile_window": crops.tile_window,
+        "line": crops.line()}
+    return {"training": "crops" if model_config.crop_size else "whole images",
+            "crop_coverage": {"crop_size": on_crops.crop_size, "crop_scale": on_crops.crop_scale,
+                              "coverage": _number(crop_coverage)},
+            "affordable_whole_image_coverage": _number(affordable), "crop_suggestion": advice}
 
 
 def _number(share: float):
@@ -176,7 +238,7 @@ def main(args) -> dict:
     dataset = coco_dataset.build_dataset(config.data_path, split)
     print(f"{Path(config.data_path) / 'annotations' / f'instances_{split}.json'} (recipe {config.recipe})")
     arrays = dataset.box_arrays()
-    report = describe(dataset, BoxSet.from_arrays(arrays), arrays["crowd_labels"], model_config)
+    report = describe(dataset, BoxSet.from_arrays(arrays), arrays["crowd_labels"], model_config, config.batch_size)
     if args.json:
         write_json_atomic(args.json, {"data_path": config.data_path, "split": split, **report})
     if args.draw > 0:

@@ -93,3 +93,44 @@ def test_well_covered_boxes_get_no_suggestion():
     coverage = measure_coverage(box_set, ModelConfig(max_size=800))
     assert coverage.fg >= 0.9
     assert suggest_settings(box_set, ModelConfig(max_size=800)) is None
+
+
+def test_crop_coverage_measures_boxes_at_the_crop_scale_not_the_training_size():
+    # A 16 px square centred on a P3 grid point: x2 it is the 32 px anchor itself (IoU 1). A 10 px
+    # square: x2 it is 20 px, inside the smallest anchor (32 px) at best: IoU 20^2 / 32^2.
+    boxes = torch.tensor([[100.0, 100.0, 116.0, 116.0], [300.0, 300.0, 310.0, 310.0]])
+    box_set = BoxSet(boxes, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                     torch.tensor([[800.0, 1000.0]], dtype=torch.float64))
+    crops = ModelConfig(crop_size=256, crop_scale=2.0, min_size=256, max_size=256)
+    assert training_image_sizes(box_set.image_sizes, crops).tolist() == [[1600.0, 2000.0]]
+    coverage = measure_coverage(box_set, crops)
+    torch.testing.assert_close(coverage.best_iou, torch.tensor([1.0, 400 / 1024]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(coverage.box_size, torch.tensor([32.0, 20.0]))
+    assert coverage.fg == 0.5
+    # At scale 1: 16 px inside the 32 px square; 10 px inside the 46 x 22 anchor (32 px at ratio 0.5, rounded).
+    native = measure_coverage(box_set, crops.replace(crop_scale=1.0))
+    torch.testing.assert_close(native.best_iou, torch.tensor([256 / 1024, 100 / (46 * 22)]), rtol=0, atol=1e-6)
+    # Whole images at min_size 256 would shrink them 3.1x: the crop path never resizes to min_size.
+    assert measure_coverage(box_set, crops.replace(crop_size=0)).box_size.max() < 6
+
+
+def test_crop_coverage_equals_the_full_grid_of_the_scaled_image():
+    generator = torch.Generator().manual_seed(1)
+    boxes = random_boxes(200, 300, 400, generator, max_side=40)
+    box_set = BoxSet(boxes, torch.zeros(200, dtype=torch.long), torch.zeros(200, dtype=torch.long),
+                     torch.tensor([[300.0, 400.0]], dtype=torch.float64))
+    config = ModelConfig(crop_size=256, crop_scale=1.5, anchor_base_sizes=(16, 32, 64, 128, 256))
+    padded = (512, 640)  # 450 x 600 padded to 128
+    grid, _ = feature_grid(torch.tensor([padded]), 5)
+    anchors = AnchorGenerator(default_anchor_sizes(config.anchor_base_sizes, 3), config.aspect_ratios)
+    full = anchors(padded, [tuple(cells) for cells in grid[0].tolist()])
+    expected = box_iou(boxes * 1.5, full).max(dim=1).values
+    torch.testing.assert_close(measure_coverage(box_set, config).best_iou, expected, rtol=0, atol=1e-6)
+
+
+def test_suggestion_for_a_crop_trained_model_changes_the_crop_scale_not_min_size():
+    box_set = small_object_boxes(num_images=4, image_size=2000)  # 10-14 px at native resolution
+    config = ModelConfig(crop_size=256, crop_scale=1.0, min_size=256, max_size=256)
+    suggestion = suggest_settings(box_set, config)
+    assert suggestion is not None and "min_size" not in suggestion.changes
+    assert measure_coverage(box_set, config.replace(**suggestion.changes)).fg == pytest.approx(suggestion.coverage)
