@@ -16,6 +16,7 @@ Pure Python (no scipy): the t quantile comes from the closed form of the t distr
 whole degrees of freedom (Abramowitz and Stegun 26.7.3 / 26.7.4), solved by bisection.
 """
 import math
+import statistics
 
 CONFIDENCE = 0.95
 
@@ -80,11 +81,25 @@ def metric_values(runs: list, metric: str) -> dict:
 def cell_statistics(runs: list, baseline_runs: list, metrics) -> dict:
     """Per metric: the cell's :func:`summarize` with its per-seed ``values``, and ``paired``, its
     :func:`paired_difference` to the baseline's runs (None for the baseline itself)."""
-    statistics = {}
+    per_metric = {}
     for metric in metrics:
         values = metric_values(runs, metric)
         entry = {**summarize(list(values.values())), "values": values}
         entry["paired"] = None if baseline_runs is None else paired_difference(values,
                                                                              metric_values(baseline_runs, metric))
-        statistics[metric] = entry
-    return statistics
+        per_metric[metric] = entry
+    return per_metric
+
+
+def seeded_cell(cell: dict, runs: list, baseline_runs, metrics) -> dict:
+    """One cell of a seeded grid: ``label``, ``settings``, its ``runs`` (run records, one per seed),
+    ``stats`` (:func:`cell_statistics`; ``baseline_runs`` None for the baseline itself),
+    ``train_images_per_s`` (median over its finished runs) and ``inference_ms_per_image`` (the
+    first run that timed it: ablate.py times one seed per cell)."""
+    done = [run for run in runs if run.get("status") == "done"]
+    speeds = [run["train_images_per_s"] for run in done if run.get("train_images_per_s") is not None]
+    times = [run["inference_ms_per_image"] for run in done if run.get("inference_ms_per_image") is not None]
+    return {"label": cell["label"], "settings": cell["settings"], "runs": runs,
+            "stats": cell_statistics(runs, baseline_runs, metrics),
+            "train_images_per_s": statistics.median(speeds) if speeds else None,
+            "inference_ms_per_image": times[0] if times else None}
