@@ -239,7 +239,7 @@ def main(argv: list) -> list:
     if cells[0]["config"].num_threads:
         torch.set_num_threads(cells[0]["config"].num_threads)
     if "--data-path" in added:
-        ensure_demo_dataset(preset_root(args.data_preset), preset=args.data_preset)
+        ensure_demo_dataset(preset_root(args.data_preset), preset=args.data_preset, show_progress=not args.quiet)
     grid = {"name": name, "description": GRIDS[args.grid][0] if args.grid else f"--set {' --set '.join(args.set)}",
             "command": "python tools/ablate.py " + " ".join(shlex.quote(a) for a in argv), "iters": iters,
             "common_args": train_args, "anchor_balance": measure_anchor_balance(base)}
