@@ -44,9 +44,42 @@ GRIDS = {
     "loss": ("CE, alpha-balanced CE, OHEM and FL, each at the paper's best setting",
              [{"cls_loss": "ce"}, {"cls_loss": "balanced-ce", "focal_alpha": 0.75}, _ohem(128, 0.5),
               _focal(2, 0.25)]),
+    "imbalance": ("alpha-CE at alpha .25 / .5 / .75 and FL gamma 1 / 2 / 5 at alpha .25 (FL gamma 0 is alpha-CE "
+                  "at .75, Table 1b's first row): does CE collapse and gamma matter more under a COCO-like imbalance "
+                  "(--data-preset sparse)?",
+                  [{"cls_loss": "balanced-ce", "focal_alpha": alpha} for alpha in (0.25, 0.5, 0.75)]
+                  + [_focal(gamma, 0.25) for gamma in (1, 2, 5)]),
     # "scale" depends on the data: see scale_cells().
     "scale": ("Table 1e / Figure 2: the same model trained and tested at several image sizes, AP against time", []),
 }
+
+
+# The cell every other is compared with, seed by seed (tools/ablate.py --baseline overrides it): the
+# paper's reference setting of each table. alpha-CE at .75 is Table 1a's best and Table 1b's gamma 0;
+# FL gamma 2 alpha .25 the paper's model, against which the loss and OHEM grids measure the others;
+# 3 scales x 3 ratios and the recipe's own size are the model's defaults.
+BASELINES = {
+    "alpha-ce": {"cls_loss": "balanced-ce", "focal_alpha": 0.75}, "gamma": _focal(0, 0.75),
+    "anchors": {"scales_per_octave": 3, "aspect_ratios": [0.5, 1.0, 2.0]}, "ohem": _focal(2, 0.25),
+    "loss": _focal(2, 0.25), "imbalance": {"cls_loss": "balanced-ce", "focal_alpha": 0.75},
+}
+
+
+def baseline_index(cells: list, grid: str, demo: bool, label: str = None) -> int:
+    """Index of the baseline among ``cells``: the one labelled ``label`` if given, else the first cell
+    holding the grid's BASELINES setting (the scale grid: the recipe's size, 128 or 800), else 0."""
+    labels = [cell_label(cell) for cell in cells]
+    if label is not None:
+        if label not in labels:
+            raise ConfigError(f"--baseline {label!r} is none of the cells: {', '.join(repr(x) for x in labels)}")
+        return labels.index(label)
+    default = _scale(128 if demo else 800) if grid == "scale" else BASELINES.get(grid)
+    if default:
+        wanted = {key: format_value(value) for key, value in default.items()}
+        for index, cell in enumerate(cells):
+            if all(key in cell and format_value(cell[key]) == value for key, value in wanted.items()):
+                return index
+    return 0
 
 
 def scale_cells(demo: bool) -> list:

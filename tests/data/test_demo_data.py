@@ -1,6 +1,7 @@
 """Tests for utils/data/demo_data.py: COCO validity, box tightness, determinism, caching."""
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -192,3 +193,88 @@ def test_cli_main_writes_dataset(tmp_path):
     demo_data.main(args)
     with open(os.path.join(str(tmp_path), MARKER_NAME)) as f:
         assert json.load(f)["image_size"] == [48, 64]
+
+
+def test_the_default_demo_images_are_those_of_before_the_presets():
+    # Objects and pixel sums of the first two val images of the built-in demo (seed 0), as generated
+    # before render_image took object counts, sizes and clutter as options: the default draws the same.
+    expected = [
+        ([(7, [32.0, 24.0, 73.0, 64.0], 1847.0), (12, [53.0, 60.0, 76.0, 76.0], 2908.0),
+          (3, [116.0, 27.0, 41.0, 47.0], 1149.0), (12, [118.0, 85.0, 42.0, 43.0], 1087.0)], 8100172),
+        ([(3, [28.0, 66.0, 77.0, 93.0], 5656.0), (7, [58.0, 16.0, 77.0, 71.0], 2230.0),
+          (7, [114.0, 4.0, 36.0, 47.0], 823.0), (12, [19.0, 9.0, 30.0, 36.0], 515.0),
+          (7, [86.0, 29.0, 31.0, 27.0], 392.0), (7, [8.0, 18.0, 22.0, 23.0], 234.0)], 9216880)]
+    for index, (objects, pixel_sum) in enumerate(expected):
+        rng = np.random.default_rng([0, zlib.crc32(b"val"), index])
+        pixels, _, drawn = render_image(rng, 160, 160)
+        assert [(o["category_id"], o["bbox"], o["area"]) for o in drawn] == objects
+        assert int(pixels.astype(np.int64).sum()) == pixel_sum
+
+
+def _boxes_per_image(coco):
+    per_image = {image["id"]: [] for image in coco["images"]}
+    for ann in coco["annotations"]:
+        per_image[ann["image_id"]].append(ann["bbox"])
+    return per_image
+
+
+def test_sparse_preset_has_few_small_objects(tmp_path):
+    summary = generate_demo_dataset(str(tmp_path), num_train=40, num_val=2, preset="sparse", show_progress=False)
+    coco = _load(summary)
+    assert all((im["width"], im["height"]) == (128, 128) for im in coco["images"])
+    counts = [len(boxes) for boxes in _boxes_per_image(coco).values()]
+    assert max(counts) == 2 and counts.count(1) > 5 and 0 < counts.count(0) < 10  # 10 % empty
+    sides = [max(box[2:]) for boxes in _boxes_per_image(coco).values() for box in boxes]
+    assert max(sides) <= 17 and np.median(sides) >= 11  # extents 10..16 px (+1 of rasterising)
+    assert summary["params"]["preset"] == "sparse" and summary["params"]["render"]["object_size"] == [10, 16]
+
+
+def test_large_preset_draws_many_small_objects_at_varied_sizes(tmp_path):
+    # The preset's drawing on smaller images (an explicit image_size wins), to stay fast.
+    summary = generate_demo_dataset(str(tmp_path), num_train=3, num_val=1, image_size=(500, 600), preset="large",
+                                    show_progress=False)
+    coco = _load(summary)
+    sizes = [(im["height"], im["width"]) for im in coco["images"]]
+    assert len(set(sizes)) == 3 and all(400 <= h <= 500 and 480 <= w <= 600 for h, w in sizes)  # jitter 0.2
+    counts = [len(boxes) for boxes in _boxes_per_image(coco).values()]
+    assert min(counts) >= 15 and max(counts) <= 60  # 20-60 drawn; a few may find no free spot
+    sides = [max(a["bbox"][2:]) for a in coco["annotations"]]
+    assert max(sides) <= 41 and np.percentile(sides, 90) >= 25
+    large = demo_data.PRESETS["large"]
+    assert (large["num_train"], large["num_val"]) == (24, 8) and min(large["image_size"]) * 0.8 >= 2000
+
+
+def test_a_changed_preset_regenerates_and_explicit_values_win(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    calls = []
+    real_generate = demo_data.generate_demo_dataset
+    monkeypatch.setattr(demo_data, "generate_demo_dataset", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
+    small = dict(num_train=3, num_val=2, show_progress=False)
+    ensure_demo_dataset(root, **small, preset="sparse")
+    ensure_demo_dataset(root, **small, preset="sparse")
+    assert len(calls) == 1
+    ensure_demo_dataset(root, **small)  # the demo in the same folder: regenerated
+    assert len(calls) == 2
+    with open(os.path.join(root, MARKER_NAME)) as f:
+        marker = json.load(f)
+    assert "preset" not in marker and marker["image_size"] == [160, 160]  # the demo's marker as before
+    monkeypatch.setitem(demo_data.PRESETS["sparse"], "render", {**demo_data.PRESETS["sparse"]["render"],
+                                                                 "object_size": [10, 14]})
+    ensure_demo_dataset(root, **small, preset="sparse")
+    ensure_demo_dataset(root, **small, preset="sparse", empty_fraction=0.0)
+    assert len(calls) == 4
+    with open(os.path.join(root, MARKER_NAME)) as f:
+        marker = json.load(f)
+    assert marker["empty_fraction"] == 0.0 and marker["render"]["object_size"] == [10, 14]
+    assert marker["image_size"] == [128, 128] and marker["num_images"] == {"train": 3, "val": 2}
+    with pytest.raises(ValueError, match="unknown preset 'dense'"):
+        generate_demo_dataset(root, preset="dense")
+
+
+def test_cli_preset(tmp_path):
+    args = demo_data.get_args_parser().parse_args(
+        ["--preset", "sparse", "--root", str(tmp_path), "--num-train", "2", "--num-val", "1", "--quiet"])
+    demo_data.main(args)
+    with open(os.path.join(str(tmp_path), MARKER_NAME)) as f:
+        assert json.load(f)["preset"] == "sparse"
+    assert demo_data.preset_root("sparse") == "data/demo-sparse" and demo_data.preset_root() == "data/demo"

@@ -1,7 +1,9 @@
 """tools/ablate.py: grids, the flags each cell gets, and a two-cell grid end to end (then re-run: skipped)."""
 import importlib.util
 import json
+import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.data.demo_data import generate_demo_dataset
+from utils.data.demo_data import PRESETS, generate_demo_dataset
 from utils.runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,6 +20,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import ablation_grids  # noqa: E402
 from ablation_grids import GRIDS, cell_flags, cell_label, cell_slug, combine, parse_set  # noqa: E402
 import ablation_report  # noqa: E402
+import ablation_stats  # noqa: E402
 
 
 def load_ablate():
@@ -169,3 +172,163 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tiny_data, tmp_path):
     assert records[0]["status"] == "failed" and "missing_split" in records[0]["error"]
     assert "failed: " in (out / "ablation.md").read_text()
     assert os.path.isfile(out / "cells" / "train_split=missing_split" / "console.log")
+
+
+def test_seeds_and_presets_in_the_commands(capsys):
+    assert ablate.main(["--grid", "imbalance", "--seeds", "2", "--seed", "7", "--data-preset", "sparse",
+                        "--dry-run"]) == []
+    printed = capsys.readouterr().out.splitlines()
+    commands = [line for line in printed if "python train.py" in line]
+    assert len(commands) == 12 and printed[0] == "alpha-CE alpha=0.25 (seed 7):"  # 6 cells x 2 seeds, seed by seed
+    assert [c.split("--seed ")[1].split()[0] for c in commands] == ["7"] * 6 + ["8"] * 6
+    size = PRESETS["sparse"]["train_size"]
+    assert all(c.count("--seed") == 1 and f"--data-path data/demo-sparse --recipe demo --min-size {size} "
+               f"--max-size {size}" in c for c in commands)
+    assert "cells/cls_loss=focal__focal_gamma=5__focal_alpha=0.25/seed-8 --resume auto" in commands[-1]
+    # What the user gives wins over the preset's flags.
+    ablate.main(["--set", "cls_loss=ce", "--data-preset", "sparse", "--min-size", "96", "--dry-run"])
+    command = capsys.readouterr().out.splitlines()[1]
+    assert "--min-size 96" in command and "--min-size 128" not in command and f"--max-size {size}" in command
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--grid", "loss", "--seeds", "0"], "--seeds 0: must be >= 1"),
+    (["--grid", "loss", "--seed-list", "1", "2", "1"], "a seed appears twice"),
+    (["--grid", "loss", "--baseline", "CE"], "give --seeds N or --seed-list"),
+    (["--grid", "loss", "--seeds", "2", "--baseline", "FL"], "--baseline 'FL' is none of the cells"),
+    (["--set", "seed=1,2", "--seeds", "2"], "both choose the seeds"),
+])
+def test_bad_seed_options_fail_before_any_training(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        ablate.main([*argv, "--dry-run"])
+
+
+def test_every_grid_has_its_baseline():
+    expected = {"loss": "FL gamma=2 alpha=0.25", "ohem": "FL gamma=2 alpha=0.25", "alpha-ce": "alpha-CE alpha=0.75",
+                "gamma": "FL gamma=0 alpha=0.75", "imbalance": "alpha-CE alpha=0.75",
+                "anchors": "scales=3 ratios=0.5,1,2", "scale": "size=128 max=213"}
+    for grid, label in expected.items():
+        cells = ablation_grids.grid_cells(grid, demo=True)
+        assert cell_label(cells[ablation_grids.baseline_index(cells, grid, demo=True)]) == label
+    cells = parse_set(["focal_gamma=0,2"])  # a free grid: the first cell, or the one named
+    assert ablation_grids.baseline_index(cells, None, demo=True) == 0
+    assert ablation_grids.baseline_index(cells, None, demo=True, label="gamma=2") == 1
+
+
+# Per-seed results the fast test writes as finished runs: (AP, AP50) per (cell, seed).
+SEEDED = {("focal", 3): (0.30, 0.50), ("focal", 5): (0.34, 0.52), ("ce", 3): (0.20, 0.40), ("ce", 5): (0.26, 0.43)}
+T_1 = 12.706  # Student's t, 0.975 quantile, 1 degree of freedom (two seeds)
+
+
+def test_finished_seeds_are_skipped_and_summarised_by_hand(tiny_data, tmp_path, caplog):
+    out = tmp_path / "grid"
+    common = ["--data-path", tiny_data, *TINY_TRAIN]
+    for (loss, seed), (ap, ap50) in SEEDED.items():
+        run_dir = out / "cells" / f"cls_loss={loss}" / f"seed-{seed}"
+        run_dir.mkdir(parents=True)
+        metrics = {"AP": ap, "AP50": ap50, "AP75": 0.1, "APs": None, "APm": 0.2, "APl": 0.3}
+        (run_dir / "cell.json").write_text(json.dumps({
+            "label": {"focal": "FL", "ce": "CE"}[loss], "settings": {"cls_loss": loss}, "seed": seed,
+            "train_args": [*common, "--cls-loss", loss, "--iters", "2", "--seed", str(seed)], "status": "done",
+            "metrics": metrics, "iterations": 2, "train_images_per_s": float(seed),
+            "inference_ms_per_image": 4.0 if seed == 3 else None}))
+    with caplog.at_level("INFO", logger="ablate"):
+        cells = ablate.main(["--set", "cls_loss=focal,ce", "--seed-list", "3", "5", "--baseline", "CE", "--iters", "2",
+                             "--output-dir", str(out), "--quiet", *common])
+    assert caplog.text.count("done before, skipped") == 4 and not list(out.rglob("console.log"))  # no train.py ran
+    assert "foreground anchors 1 : " in caplog.text
+
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["seeds"] == [3, 5] and summary["baseline"] == "CE"
+    fl, ce = summary["cells"]
+    assert fl["stats"]["AP"]["values"] == {"3": 0.30, "5": 0.34}  # the per-seed values
+    # By hand: FL AP 0.30, 0.34: mean 0.32, std sqrt((0.02^2 + 0.02^2) / 1) = 0.02828, half width
+    # t * std / sqrt(2) = 12.706 * 0.02.
+    assert fl["stats"]["AP"]["mean"] == pytest.approx(0.32) and fl["stats"]["AP"]["std"] == pytest.approx(
+        math.sqrt(0.0008))
+    assert fl["stats"]["AP"]["ci"] == pytest.approx([0.32 - T_1 * 0.02, 0.32 + T_1 * 0.02], abs=1e-4)
+    # Paired FL - CE: AP 0.10, 0.08 (mean 0.09, std 0.01414, half width 12.706 * 0.01 = 0.127: holds 0);
+    # AP50 0.10, 0.09 (mean 0.095, std 0.00707, half width 0.0635: excludes 0).
+    paired_ap, paired_ap50 = fl["stats"]["AP"]["paired"], fl["stats"]["AP50"]["paired"]
+    assert paired_ap["mean"] == pytest.approx(0.09) and paired_ap["std"] == pytest.approx(math.sqrt(0.0002))
+    assert paired_ap["ci"] == pytest.approx([0.09 - 0.12706, 0.09 + 0.12706], abs=1e-4)
+    assert paired_ap["significant"] is False and paired_ap50["significant"] is True
+    assert paired_ap50["ci"] == pytest.approx([0.095 - 0.06353, 0.095 + 0.06353], abs=1e-4)
+    assert ce["stats"]["AP"]["paired"] is None and fl["stats"]["APs"]["n"] == 0
+    assert fl["train_images_per_s"] == 4.0 and fl["inference_ms_per_image"] == 4.0  # median of 3, 5; first seed's
+    assert summary["cells"] == json.loads(json.dumps(cells))
+
+    rows = (out / "ablation.md").read_text().splitlines()
+    assert "| FL | 2 | 32.0 ± 2.8 | 51.0 ± 1.4 | 10.0 ± 0.0 | n/a | 20.0 ± 0.0 | 30.0 ± 0.0 | [6.6, 57.4] | " \
+           "+9.0 [-3.7, 21.7] | 4.0 | 4.0 |" in rows
+    assert "| CE | 2 | 23.0 ± 4.2 | 41.5 ± 2.1 | 10.0 ± 0.0 | n/a | 20.0 ± 0.0 | 30.0 ± 0.0 | [-15.1, 61.1] | " \
+           "baseline | 4.0 | 4.0 |" in rows
+    assert "| FL | 2 | +9.0 [-3.7, 21.7] | +9.5 [3.1, 15.9] * | +0.0 [0.0, 0.0] | n/a | +0.0 [0.0, 0.0] | " \
+           "+0.0 [0.0, 0.0] |" in rows
+    assert "4 of 4 runs (2 cells x 2 seeds) done." in rows
+    assert any(row.startswith("Data: foreground anchors 1 : ") for row in rows)
+    assert Image.open(out / "ablation.png").format == "PNG"
+
+
+def test_seeded_report_of_partial_and_single_seeds(tmp_path):
+    def run(seed, ap, status="done"):
+        return {"seed": seed, "status": status, "metrics": {k: ap for k in ablation_report.COLUMNS}}
+    runs = {"FL": [run(1, 0.3), run(2, 0.2, "failed")], "CE": [run(1, 0.25), {"seed": 2}], "BCE": [{"seed": 1}]}
+    cells = [ablation_stats.seeded_cell({"label": label, "settings": {}}, rows, None if label == "CE" else runs["CE"],
+                                        ablation_report.COLUMNS) for label, rows in runs.items()]
+    grid = {"name": "loss", "description": "d", "command": "c", "iters": 9, "common_args": [], "seeds": [1, 2],
+            "baseline": "CE"}
+    ablation_report.write_report(tmp_path, grid, cells)
+    rows = (tmp_path / "ablation.md").read_text().splitlines()
+    # One seed: no spread, no interval ("-"); the difference to the baseline is shown without one.
+    assert "| FL | 1 | " + "30.0 ± - | " * 6 + "- | +5.0 - | n/a | n/a |" in rows
+    assert "| BCE | not run yet |" + "  |" * 10 in rows
+    assert "- FL, seed 2: failed: ?" in rows and "- CE, seed 2: not run yet" in rows
+    assert "2 of 6 runs (3 cells x 2 seeds) done." in rows
+
+
+@pytest.mark.slow
+def test_two_cells_two_seeds_end_to_end_with_an_interrupted_seed(tiny_data, tmp_path, caplog):
+    out = tmp_path / "grid"
+    common = ["--data-path", tiny_data, *TINY_TRAIN]
+    argv = ["--set", "cls_loss=focal,ce", "--seeds", "2", "--seed", "11", "--iters", "2", "--output-dir", str(out),
+            "--timing-images", "2", "--quiet", *common]
+    # FL seed 12 was stopped after its first iteration in an earlier sitting: checkpoint, "running" record.
+    interrupted = out / "cells" / "cls_loss=focal" / "seed-12"
+    interrupted.mkdir(parents=True)
+    flags = [*common, "--cls-loss", "focal", "--iters", "2", "--seed", "12"]
+    subprocess.run([sys.executable, str(REPO / "train.py"), *flags, "--output-dir", str(interrupted),
+                    "--max-iters", "1"], check=True, capture_output=True)
+    assert list(interrupted.glob("checkpoint_*.pth")) and not (interrupted / "model_final.pth").exists()
+    (interrupted / "cell.json").write_text(json.dumps({"label": "FL", "settings": {"cls_loss": "focal"}, "seed": 12,
+                                                       "train_args": flags, "status": "running"}))
+
+    cells = ablate.main(argv)
+    assert "resumed at epoch" in (interrupted / "console.log").read_text()
+    records = {(cell["label"], run["seed"]): run for cell in cells for run in cell["runs"]}
+    assert set(records) == {("FL", 11), ("FL", 12), ("CE", 11), ("CE", 12)}
+    for (label, seed), run in records.items():
+        # Each seed's figures are its own evaluation's, and it trained the full budget with its seed.
+        run_dir = out / "cells" / f"cls_loss={'focal' if label == 'FL' else 'ce'}" / f"seed-{seed}"
+        assert json.loads((run_dir / "cell.json").read_text()) == run
+        evaluated = json.loads((run_dir / "eval_val" / "metrics.json").read_text())
+        assert run["metrics"] == {k: v for k, v in evaluated.items() if k != "per_category"}
+        assert run["status"] == "done" and run["iterations"] == 2 and run["train_args"][-2:] == ["--seed", str(seed)]
+        assert (run["inference_ms_per_image"] is None) == (seed == 12)  # timed on the first seed only
+
+    # The statistics come from these records (two toy iterations give AP 0, so the figures themselves are
+    # checked by hand in test_finished_seeds_are_skipped_and_summarised_by_hand).
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["baseline"] == "FL" and summary["seeds"] == [11, 12]  # a free grid: the first cell
+    stats = summary["cells"][1]["stats"]["AP50"]
+    assert stats["values"] == {str(seed): records[("CE", seed)]["metrics"]["AP50"] for seed in (11, 12)}
+    assert stats["n"] == 2 and stats["paired"]["seeds"] == [11, 12]
+    assert summary["cells"][0]["stats"]["AP"]["paired"] is None
+
+    # Run again: every seed is finished, nothing trains, evaluates or rewrites a file.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ablate"):
+        assert ablate.main(argv) == cells
+    assert caplog.text.count("done before, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

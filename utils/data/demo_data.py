@@ -48,6 +48,25 @@ MIN_OBJECT_SIZE = 12  # px, larger side of the tight box
 MAX_OBJECTS = 6
 MIN_COLOUR_DISTANCE = 80.0  # RGB euclidean distance to the local background mean
 MIN_VISIBLE_FRACTION = 0.5  # an earlier object keeps at least this much of its pixels
+DEMO_DEFAULTS = dict(num_train=3000, num_val=300, image_size=160, empty_fraction=0.05)
+
+# Other kinds of the same data (`--preset NAME`, `preset=NAME`): image counts, size and empty
+# fraction (explicit arguments still win), how images are drawn (`render`: render_image's
+# options), `size_jitter` (each side drawn per image in [1 - j, 1] x image_size) and `train_size`,
+# the side to train at (train.py --min-size / --max-size; None: no whole-image size suits it).
+PRESETS = {
+    # COCO-like imbalance: 1-2 objects of 10-16 px in a 128 px image (10 % empty), trained at its
+    # own size: 128 is a multiple of the model's 128 px padding, so a step costs what a demo step
+    # costs (160 would pad to 256: 4x). With the demo recipe's anchors about 1 anchor in 1,200 is
+    # foreground (the demo: 1 in 124); objects of 20 px and more match 3-5 anchors each and bring it
+    # under 1 in 900. tests/data/test_demo_data.py measures it with the model's matcher.
+    "sparse": dict(num_train=3000, num_val=300, image_size=128, empty_fraction=0.1, size_jitter=0.0,
+                   train_size=128, render=dict(num_objects=[1, 2], object_size=[10, 16], clutter_scale=1.0)),
+    # Large images, small objects (crops and tiles): 2000-3000 px sides, 20-60 objects of 10-40 px,
+    # clutter as dense as in a demo image (clutter_scale: a 2750 px side over the demo's 160).
+    "large": dict(num_train=24, num_val=8, image_size=[2500, 3000], empty_fraction=0.0, size_jitter=0.2,
+                  train_size=None, render=dict(num_objects=[20, 60], object_size=[10, 40], clutter_scale=17.0)),
+}
 
 
 def _unit_outline(name: str, rng: np.random.Generator) -> np.ndarray:
@@ -94,8 +113,13 @@ def shape_mask(name: str, extent: int, rng: np.random.Generator) -> np.ndarray:
     return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
-    """Smooth colour gradient + low-frequency blotches + thin clutter that is not an object."""
+def _background(rng: np.random.Generator, height: int, width: int, clutter_scale: float = 1.0) -> Image.Image:
+    """Smooth colour gradient + low-frequency blotches + thin clutter that is not an object.
+
+    ``clutter_scale`` s: the image's side over the demo's 160 px. Lines cross the whole image, so
+    there are s times as many; arcs keep the demo's radii and dots their size, s^2 times as many,
+    so every 160 px window of a large image is as cluttered as a demo image. 1 is the demo exactly.
+    """
     theta = rng.uniform(0, 2 * math.pi)
     ramp = (np.arange(width, dtype=np.float32)[None, :] * math.cos(theta)
             + np.arange(height, dtype=np.float32)[:, None] * math.sin(theta))
@@ -112,20 +136,25 @@ def _background(rng: np.random.Generator, height: int, width: int) -> Image.Imag
     size = np.array([width, height], dtype=float)
     # Lines, arcs and dots share colours and edges with the objects, so the
     # detector has to learn shape rather than "anything with an edge".
-    for _ in range(rng.integers(2, 7)):
+    for _ in range(_scaled_count(rng.integers(2, 7), clutter_scale)):
         x0, y0, x1, y1 = rng.uniform(-0.2, 1.2, 4) * np.tile(size, 2)
         draw.line([(x0, y0), (x1, y1)], fill=_random_colour(rng), width=int(rng.integers(1, 3)))
-    for _ in range(rng.integers(0, 4)):
+    for _ in range(_scaled_count(rng.integers(0, 4), clutter_scale ** 2)):
         cx, cy = rng.uniform(0, 1, 2) * size
-        radius = rng.uniform(0.1, 0.4) * size.min()
+        radius = rng.uniform(0.1, 0.4) * size.min() / clutter_scale
         start_angle = rng.uniform(0, 360)
         draw.arc([cx - radius, cy - radius, cx + radius, cy + radius], start_angle,
                  start_angle + rng.uniform(40, 200), fill=_random_colour(rng), width=int(rng.integers(1, 3)))
-    for _ in range(rng.integers(2, 10)):
+    for _ in range(_scaled_count(rng.integers(2, 10), clutter_scale ** 2)):
         cx, cy = rng.uniform(0, 1, 2) * size
         rx, ry = rng.uniform(1, 3.5, 2)  # at most ~7 px: clearly below MIN_OBJECT_SIZE
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=_random_colour(rng))
     return image
+
+
+def _scaled_count(count, factor: float) -> int:
+    # int(count) unchanged at factor 1, so the default data keeps its exact random stream.
+    return int(count) if factor == 1 else int(round(float(count) * factor))
 
 
 def _random_colour(rng: np.random.Generator) -> tuple:
@@ -141,23 +170,29 @@ def _contrasting_colour(rng: np.random.Generator, local_mean: np.ndarray) -> np.
 
 
 def render_image(rng: np.random.Generator, height: int, width: int,
-                 empty_fraction: float = 0.05):
+                 empty_fraction: float = 0.05, *, num_objects=(1, MAX_OBJECTS), object_size=None,
+                 clutter_scale: float = 1.0):
     """Draw one image and its objects.
+
+    `num_objects` (min, max) objects in a non-empty image; `object_size`
+    (min, max) larger side of an object's box in px, None for the demo's
+    MIN_OBJECT_SIZE to 85 % of the shorter side; `clutter_scale` see
+    `_background`. The defaults draw the demo's images exactly.
 
     Returns `(pixels uint8[H, W, 3], label_map int32[H, W], objects)` where
     `label_map` is 0 for background and k + 1 where object k is visible, and
     `objects` is a list of dicts with `category_id`, `bbox` (COCO x, y, w, h of
     the visible pixels) and `area` (visible pixel count).
     """
-    num_objects = 0 if rng.random() < empty_fraction else int(rng.integers(1, MAX_OBJECTS + 1))
-    max_extent = max(MIN_OBJECT_SIZE, int(0.85 * min(height, width)))
+    count = 0 if rng.random() < empty_fraction else int(rng.integers(num_objects[0], num_objects[1] + 1))
+    min_extent, max_extent = object_size or (MIN_OBJECT_SIZE, max(MIN_OBJECT_SIZE, int(0.85 * min(height, width))))
     # Log-uniform sizes favour small and medium objects, as in natural images.
-    extents = np.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(max_extent + 1), num_objects))
-    categories = rng.integers(0, len(DEMO_CATEGORIES), num_objects)
+    extents = np.exp(rng.uniform(math.log(min_extent), math.log(max_extent + 1), count))
+    categories = rng.integers(0, len(DEMO_CATEGORIES), count)
 
-    canvas = np.asarray(_background(rng, height, width), dtype=np.float32).copy()
+    canvas = np.asarray(_background(rng, height, width, clutter_scale), dtype=np.float32).copy()
     label_map = np.zeros((height, width), dtype=np.int32)
-    placed, pixel_counts, visible_counts = [], [], []
+    placed, pixel_counts, visible_counts, windows = [], [], [], []
     # Largest first: later, smaller objects may overlap but never bury a big one.
     for order in np.argsort(-extents, kind="stable"):
         mask = shape_mask(DEMO_CATEGORIES[categories[order]]["name"], int(extents[order]), rng)
@@ -184,20 +219,35 @@ def render_image(rng: np.random.Generator, height: int, width: int,
         placed.append(int(categories[order]))
         pixel_counts.append(int(mask.sum()))
         visible_counts.append(pixel_counts[-1])
+        windows.append((y, x, mask_h, mask_w))
 
     canvas += 6.0 * rng.standard_normal(canvas.shape, dtype=np.float32)  # sensor-like noise
     pixels = np.clip(canvas, 0, 255).round().astype(np.uint8)
     objects = []
     for k, category_index in enumerate(placed):
-        rows, cols = np.nonzero(label_map == k + 1)  # boxes come from what is visible, as in COCO
+        # Boxes come from what is visible, as in COCO. An object's pixels lie inside the window it
+        # was placed in: searching only there keeps a large image with many objects fast.
+        y, x, mask_h, mask_w = windows[k]
+        rows, cols = np.nonzero(label_map[y:y + mask_h, x:x + mask_w] == k + 1)
+        rows, cols = rows + y, cols + x
         x0, y0, x1, y1 = (float(v) for v in (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
         objects.append({"category_id": DEMO_CATEGORIES[category_index]["id"],
                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(len(rows))})
     return pixels, label_map, objects
 
 
-def _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction) -> dict:
-    """Everything that changes the output; stored in the marker and compared by ensure_demo_dataset."""
+def _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset=None) -> dict:
+    """Everything that changes the output; stored in the marker and compared by ensure_demo_dataset.
+
+    None takes the preset's value, else the demo's. Without a preset the marker is the demo's as before.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    chosen = {**DEMO_DEFAULTS, **(PRESETS[preset] if preset else {})}
+    num_train = chosen["num_train"] if num_train is None else num_train
+    num_val = chosen["num_val"] if num_val is None else num_val
+    image_size = chosen["image_size"] if image_size is None else image_size
+    empty_fraction = chosen["empty_fraction"] if empty_fraction is None else empty_fraction
     splits = tuple(splits)
     if len(splits) != 2 or splits[0] == splits[1]:
         raise ValueError(f"splits must be two distinct names (train, val), got {splits!r}")
@@ -208,21 +258,34 @@ def _generation_params(num_train, num_val, image_size, seed, splits, empty_fract
         raise ValueError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
     if not 0.0 <= empty_fraction <= 1.0:
         raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
-    return {"version": GENERATOR_VERSION, "num_images": {splits[0]: int(num_train), splits[1]: int(num_val)},
-            "image_size": [int(height), int(width)], "seed": int(seed), "splits": list(splits),
-            "empty_fraction": float(empty_fraction)}
+    params = {"version": GENERATOR_VERSION, "num_images": {splits[0]: int(num_train), splits[1]: int(num_val)},
+              "image_size": [int(height), int(width)], "seed": int(seed), "splits": list(splits),
+              "empty_fraction": float(empty_fraction)}
+    if preset is not None:  # how it draws, too: a preset changed in the code regenerates its data
+        params.update(preset=preset, render=chosen["render"], size_jitter=chosen["size_jitter"])
+    return params
 
 
-def _generate_split(root: str, split: str, num_images: int, height: int, width: int,
-                    seed: int, empty_fraction: float, show_progress: bool) -> dict:
+def _image_shape(rng: np.random.Generator, params: dict) -> tuple:
+    """(height, width) of one image: the given size, or up to ``size_jitter`` smaller per side."""
+    height, width = params["image_size"]
+    if not params.get("size_jitter"):
+        return height, width  # draws nothing: the demo's random stream is untouched
+    factors = rng.uniform(1.0 - params["size_jitter"], 1.0, 2)
+    return int(height * factors[0]), int(width * factors[1])
+
+
+def _generate_split(root: str, split: str, params: dict, show_progress: bool) -> dict:
     """Write `ROOT/{split}/*.jpg` and return the split's COCO annotation dict."""
     os.makedirs(os.path.join(root, split), exist_ok=True)
     # crc32, not hash(): Python salts str hashes per process, which would break determinism.
     split_key = zlib.crc32(split.encode("utf-8"))
+    render = params.get("render", {})
     images, annotations = [], []
-    for index in tqdm(range(num_images), desc=f"demo data [{split}]", disable=not show_progress):
-        rng = np.random.default_rng([seed, split_key, index])
-        pixels, _, objects = render_image(rng, height, width, empty_fraction)
+    for index in tqdm(range(params["num_images"][split]), desc=f"demo data [{split}]", disable=not show_progress):
+        rng = np.random.default_rng([params["seed"], split_key, index])
+        height, width = _image_shape(rng, params)
+        pixels, _, objects = render_image(rng, height, width, params["empty_fraction"], **render)
         file_name = f"{index:06d}.jpg"
         Image.fromarray(pixels).save(os.path.join(root, split, file_name), quality=90)
         image_id = index + 1
@@ -234,19 +297,21 @@ def _generate_split(root: str, split: str, num_images: int, height: int, width: 
             "categories": [dict(c) for c in DEMO_CATEGORIES]}
 
 
-def generate_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, image_size=160,
+def generate_demo_dataset(root: str, num_train: int = None, num_val: int = None, image_size=None,
                           seed: int = 0, splits=("train", "val"), show_progress: bool = True,
-                          empty_fraction: float = 0.05) -> dict:
+                          empty_fraction: float = None, preset: str = None) -> dict:
     """Write the demo dataset under `root` (always regenerates) and return a summary.
 
     `splits` names the two splits, which get `num_train` and `num_val` images.
-    `image_size` is an int or `(height, width)`. The marker file is removed
-    first and written last, so an interrupted run is never mistaken for a
-    complete dataset. Returns a dict with `root`, `annotation_files`,
-    `image_dirs`, `num_images`, `num_annotations`, `params` and `seconds`.
+    `image_size` is an int or `(height, width)`. `preset` (a PRESETS name)
+    draws another kind of data; counts, size and `empty_fraction` left None
+    come from it, else from the demo (3000, 300, 160, 0.05). The marker file
+    is removed first and written last, so an interrupted run is never
+    mistaken for a complete dataset. Returns a dict with `root`,
+    `annotation_files`, `image_dirs`, `num_images`, `num_annotations`,
+    `params` and `seconds`.
     """
-    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction)
-    height, width = params["image_size"]
+    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset)
     marker = os.path.join(root, MARKER_NAME)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     if os.path.exists(marker):
@@ -255,8 +320,7 @@ def generate_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, 
     annotation_files = {s: os.path.join(root, "annotations", f"instances_{s}.json") for s in params["splits"]}
     num_annotations = {}
     for split in params["splits"]:
-        coco = _generate_split(root, split, params["num_images"][split], height, width,
-                               params["seed"], params["empty_fraction"], show_progress)
+        coco = _generate_split(root, split, params, show_progress)
         write_json_atomic(annotation_files[split], coco, compact=True)
         num_annotations[split] = len(coco["annotations"])
     write_json_atomic(marker, params, compact=True)
@@ -269,11 +333,11 @@ def generate_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, 
     return summary
 
 
-def ensure_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, image_size=160,
+def ensure_demo_dataset(root: str, num_train: int = None, num_val: int = None, image_size=None,
                         seed: int = 0, splits=("train", "val"), show_progress: bool = True,
-                        empty_fraction: float = 0.05) -> str:
+                        empty_fraction: float = None, preset: str = None) -> str:
     """Return `root`, generating the dataset first unless a complete copy with the same parameters exists."""
-    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction)
+    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset)
     try:
         with open(os.path.join(root, MARKER_NAME)) as f:
             if json.load(f) == params:
@@ -281,22 +345,31 @@ def ensure_demo_dataset(root: str, num_train: int = 3000, num_val: int = 300, im
     except (OSError, ValueError):
         pass  # missing or unreadable marker: the dataset is incomplete
     generate_demo_dataset(root, num_train, num_val, image_size, seed, splits,
-                          show_progress=show_progress, empty_fraction=empty_fraction)
+                          show_progress=show_progress, empty_fraction=empty_fraction, preset=preset)
     return root
+
+
+def preset_root(preset: str = None) -> str:
+    """Where a preset's data lives by default: ``data/demo``, ``data/demo-sparse``, ..."""
+    return "data/demo" if preset is None else f"data/demo-{preset}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes demo dataset (COCO format).")
-    parser.add_argument("--root", default="data/demo", help="output directory (default: %(default)s)")
-    parser.add_argument("--num-train", type=int, default=3000, help="images in the train split (default: %(default)s)")
-    parser.add_argument("--num-val", type=int, default=300, help="images in the val split (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, nargs="+", default=[160], metavar="PX",
-                        help="image side, or HEIGHT WIDTH (default: 160)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="another kind of the same data: sparse (1-2 objects of 10-16 px per 128 px image, "
+                             "about 1 foreground anchor in 1,200, COCO-like), large (24 + 8 images of 2000-3000 px "
+                             "with 20-60 objects of 10-40 px); it sets the defaults below (default: the demo)")
+    parser.add_argument("--root", help="output directory (default: data/demo, or data/demo-PRESET)")
+    parser.add_argument("--num-train", type=int, help="images in the train split (default: 3000, or the preset's)")
+    parser.add_argument("--num-val", type=int, help="images in the val split (default: 300, or the preset's)")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="PX",
+                        help="image side, or HEIGHT WIDTH (default: 160, or the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: %(default)s)")
     parser.add_argument("--splits", nargs=2, default=["train", "val"], metavar=("TRAIN", "VAL"),
                         help="names of the two splits (default: train val)")
-    parser.add_argument("--empty-fraction", type=float, default=0.05,
-                        help="fraction of images with no objects (default: %(default)s)")
+    parser.add_argument("--empty-fraction", type=float,
+                        help="fraction of images with no objects (default: 0.05, or the preset's)")
     parser.add_argument("--force", action="store_true",
                         help="regenerate even if a complete dataset with these parameters exists")
     parser.add_argument("--quiet", action="store_true", help="hide the progress bar")
@@ -304,13 +377,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    if len(args.image_size) not in (1, 2):
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
         raise SystemExit("--image-size takes one value (square) or two (HEIGHT WIDTH)")
-    image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    image_size = args.image_size and (args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size))
+    root = args.root or preset_root(args.preset)
     build = generate_demo_dataset if args.force else ensure_demo_dataset
-    build(args.root, num_train=args.num_train, num_val=args.num_val, image_size=image_size, seed=args.seed,
-          splits=tuple(args.splits), show_progress=not args.quiet, empty_fraction=args.empty_fraction)
-    print(f"demo dataset ready at {args.root}")
+    build(root, num_train=args.num_train, num_val=args.num_val, image_size=image_size, seed=args.seed,
+          splits=tuple(args.splits), show_progress=not args.quiet, empty_fraction=args.empty_fraction,
+          preset=args.preset)
+    print(f"demo dataset ready at {root}")
 
 
 if __name__ == "__main__":
