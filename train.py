@@ -17,6 +17,7 @@ import coco_dataset
 from engine import TrainState, evaluate, train_one_epoch
 from model import RetinaNet
 from model.anchor_coverage import coverage_summary
+from model.crop_advice import crop_advice
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
 from recipes import get_args_parser, resolve_config
 from utils.data.crops import CropSettings, mean_fill
@@ -53,6 +54,10 @@ def main(config):
     model = build_model(config, train_set).to(device).optimize_for(device, channels_last=config.channels_last)
     if dist_utils.is_main_process() and not config.eval_only:  # small objects no anchor fits: say so now
         logger.info(coverage_summary(train_set, model.model_config))
+        advice = None if model.model_config.crop_size else crop_advice(train_set.box_arrays(), model.model_config,
+                                                                        config.batch_size)
+        if advice:  # objects under P3's stride at every affordable whole-image size
+            logger.warning(advice)
     model, model_without_ddp = parallelize(model, config, device, dist)
     train_loader, val_loader = build_loaders(config, train_set, val_set, device, dist)
     iters_per_epoch = len(train_loader.batch_sampler.batch_sampler)

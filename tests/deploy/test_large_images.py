@@ -1,0 +1,92 @@
+"""Large images end to end (issue 20, acceptance 3): a model trained with ``--crop-size`` predicts on
+a 2000 px image with no tiling flag and finds the small objects that a whole-image pass, which
+shrinks the image to the model's 96 px, cannot see."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Squares of 14-20 px on a noisy dark background: learnable in a couple of hundred steps.
+CATEGORIES = [{"id": 1, "name": "square"}]
+
+
+def draw_scene(rng: np.random.Generator, height: int, width: int, count: int) -> tuple:
+    """``(pixels uint8[H, W, 3], boxes [[x, y, w, h]])``: ``count`` bright squares that do not touch."""
+    pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    boxes, taken = [], np.zeros((height, width), dtype=bool)
+    while len(boxes) < count:
+        side = int(rng.integers(14, 21))
+        x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+        if taken[max(0, y - 4):y + side + 4, max(0, x - 4):x + side + 4].any():
+            continue
+        taken[y:y + side, x:x + side] = True
+        pixels[y:y + side, x:x + side] = rng.integers(170, 256, 3, dtype=np.uint8)
+        boxes.append([x, y, side, side])
+    return pixels, boxes
+
+
+def write_split(root, split: str, scenes: list) -> None:
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for index, (pixels, boxes) in enumerate(scenes):
+        Image.fromarray(pixels).save(root / split / f"{index}.png")
+        images.append({"id": index + 1, "file_name": f"{index}.png", "height": pixels.shape[0],
+                       "width": pixels.shape[1]})
+        annotations += [{"id": len(annotations) + k + 1, "image_id": index + 1, "category_id": 1, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": 0} for k, box in enumerate(boxes)]
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": CATEGORIES}))
+
+
+def iou(a, b) -> float:
+    """IoU of two x1, y1, x2, y2 boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def found(detections: list, truth: list) -> int:
+    """Ground-truth boxes matched by a detection at IoU >= 0.5."""
+    boxes = [d["box"] for d in detections]
+    return sum(any(iou(box, [x, y, x + w, y + h]) >= 0.5 for box in boxes) for x, y, w, h in truth)
+
+
+@pytest.mark.slow
+def test_a_crop_trained_model_tiles_a_2000_px_image_by_default_and_finds_what_a_whole_pass_misses(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    write_split(data, "train", [draw_scene(rng, 384, 384, 16) for _ in range(6)])
+    write_split(data, "val", [draw_scene(rng, 384, 384, 16)])
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--recipe", "demo", "--data-path", str(data),
+         "--output-dir", str(out), "--crop-size", "96", "--backbone", "resnet18", "--fpn-channels", "32",
+         "--head-convs", "1", "--batch-size", "8", "--iters", "200", "--warmup-iters", "20", "--workers", "0",
+         "--num-threads", "2", "--seed", "0"], cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    big, truth = draw_scene(rng, 2000, 2000, 40)
+    images = tmp_path / "big"
+    images.mkdir()
+    Image.fromarray(big).save(images / "big.png")
+    common = ["--checkpoint", str(out / "model_final.pth"), "--input", str(images), "--workers", "0",
+              "--device", "cpu", "--score-threshold", "0.3"]
+    for name, extra in (("tiled", []), ("whole", ["--tile", "0"])):
+        summary = inference.main(inference.get_args_parser().parse_args(
+            [*common, "--output-dir", str(tmp_path / name), *extra]))
+        assert summary["tile"] == (96 if name == "tiled" else 0)
+    tiled = json.loads((tmp_path / "tiled" / "detections.json").read_text())[0]["detections"]
+    whole = json.loads((tmp_path / "whole" / "detections.json").read_text())[0]["detections"]
+    print(f"objects found: tiled {found(tiled, truth)} / {len(truth)}, whole image {found(whole, truth)}")
+    assert found(tiled, truth) >= 0.6 * len(truth)
+    assert found(whole, truth) <= 0.1 * len(truth)
+    assert torch.tensor([d["box"] for d in tiled]).max() > 1900  # boxes in the big image's own pixels
