@@ -23,27 +23,28 @@ def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
 
 
-class RandomHorizontalFlip:
-    """Flip the image left-right with probability ``p``, with its boxes and crowd boxes."""
+class _RandomBoxTransform:
+    """A transform applied with probability ``p`` (checked here, shown in the repr)."""
+    kind = "flip"  # named in the error message
 
     def __init__(self, p: float = 0.5):
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"flip probability must be in [0, 1], got {p}")
+            raise ValueError(f"{self.kind} probability must be in [0, 1], got {p}")
         self.p = p
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandomHorizontalFlip(_RandomBoxTransform):
+    """Flip the image left-right with probability ``p``, with its boxes and crowd boxes."""
 
     def __call__(self, image: torch.Tensor, target: dict):
         # torch's RNG, not `random`: DataLoader seeds it per worker, so runs are reproducible.
         if torch.rand(()).item() >= self.p:
             return image, target
         width = image.shape[-1]
-        target = dict(target)
-        for key in BOX_KEYS:
-            if key in target:
-                target[key] = hflip_boxes(target[key], width)
-        return image.flip(-1), target
-
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p})"
+        return image.flip(-1), _map_boxes(target, lambda boxes: hflip_boxes(boxes, width))
 
 
 def vflip_boxes(boxes: torch.Tensor, height: int) -> torch.Tensor:
@@ -67,14 +68,9 @@ def rot90_boxes(boxes: torch.Tensor, height: int, width: int, k: int) -> torch.T
     return boxes.clone()
 
 
-class RandomVerticalFlip:
+class RandomVerticalFlip(_RandomBoxTransform):
     """Flip the image top-bottom with probability ``p``, with its boxes and crowd boxes (top-down
     imagery and slides have no "up")."""
-
-    def __init__(self, p: float = 0.5):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"flip probability must be in [0, 1], got {p}")
-        self.p = p
 
     def __call__(self, image: torch.Tensor, target: dict):
         if torch.rand(()).item() >= self.p:
@@ -83,18 +79,11 @@ class RandomVerticalFlip:
         target = _map_boxes(target, lambda boxes: vflip_boxes(boxes, height))
         return image.flip(-2), target
 
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p})"
 
-
-class RandomRot90:
+class RandomRot90(_RandomBoxTransform):
     """With probability ``p``, rotate the image by k x 90 degrees, k uniform in {1, 2, 3}, with its
     boxes (exact for any image shape: a non-square image comes out ``W x H`` for k = 1, 3)."""
-
-    def __init__(self, p: float = 0.5):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"rotation probability must be in [0, 1], got {p}")
-        self.p = p
+    kind = "rotation"
 
     def __call__(self, image: torch.Tensor, target: dict):
         if torch.rand(()).item() >= self.p:
@@ -105,9 +94,6 @@ class RandomRot90:
         if "orig_size" in target and k % 2:
             target["orig_size"] = (int(width), int(height))
         return torch.rot90(image, k, dims=(-2, -1)).contiguous(), target
-
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p})"
 
 
 class ColourJitter:
