@@ -12,6 +12,7 @@ from torchvision.ops import batched_nms
 
 import inference
 from benchmarks import tiling_benchmark
+from colour_detector import detect_colours
 from forked_scripts import run_forked
 from model import ModelConfig, RetinaNet
 from model.tile_merge import merge_detections
@@ -98,17 +99,7 @@ class ColourDetector:
     nms_thresh, detections_per_img = 0.5, 100
 
     def __call__(self, images):
-        outputs = []
-        for image in images:
-            boxes, labels = [], []
-            for label, colour in enumerate(COLOURS):
-                ys, xs = (image == torch.tensor(colour, dtype=image.dtype).view(3, 1, 1)).all(0).nonzero(as_tuple=True)
-                if len(xs):
-                    boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-                    labels.append(label)
-            outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                            "scores": torch.full((len(boxes),), 0.9), "labels": torch.tensor(labels).long()})
-        return outputs
+        return [detect_colours(image, COLOURS) for image in images]
 
 
 def scene_with(objects: dict, height=150, width=170) -> torch.Tensor:

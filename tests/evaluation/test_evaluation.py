@@ -23,6 +23,7 @@ from gloo_ranks import run_on_ranks
 from utils.data.loaders import build_eval_loader, collate_eval
 from utils.evaluation.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
 from utils.runtime.atomic_io import write_json_atomic
+from colour_detector import detect_colours
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -395,18 +396,8 @@ class CropTrainedColourModel(torch.nn.Module):
         self.input_sizes = []
 
     def forward(self, images):
-        outputs = []
-        for image in images:
-            self.input_sizes.append(tuple(image.shape[1:]))
-            boxes, labels = [], []
-            for label, colour in enumerate(TILE_COLOURS.values()):
-                ys, xs = (image == torch.tensor(colour, dtype=image.dtype).view(3, 1, 1)).all(0).nonzero(as_tuple=True)
-                if len(xs):
-                    boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-                    labels.append(label)
-            outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                            "scores": torch.full((len(boxes),), 0.9), "labels": torch.tensor(labels).long()})
-        return outputs
+        self.input_sizes += [tuple(image.shape[1:]) for image in images]
+        return [detect_colours(image, list(TILE_COLOURS.values())) for image in images]
 
 
 def test_evaluate_tiles_a_crop_trained_model_by_default(tmp_path):
