@@ -263,7 +263,7 @@ def test_make_voc_example_round_trips_the_demo_boxes_through_the_converter(tmp_p
     from utils.data.demo_data import DEMO_CATEGORIES, render_image
     voc, clip = tmp_path / "voc", tmp_path / "clip.mp4"
     load_tool("make_voc_example").main(Namespace(output=str(voc), num_train=4, num_val=2, image_size=64, seed=5,
-                                                 video=str(clip), fps=5))
+                                                 preset=None, video=str(clip), fps=5))
     convert("--format", "voc", "--input", voc, "--output", tmp_path / "coco", "--split", "train")
     dataset = load(tmp_path / "coco")
     demo_id = {c["name"]: c["id"] for c in DEMO_CATEGORIES}
@@ -277,3 +277,20 @@ def test_make_voc_example_round_trips_the_demo_boxes_through_the_converter(tmp_p
     with av.open(str(clip)) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 2 and (frames[0].width, frames[0].height) == (64, 64)
+
+
+def test_make_voc_example_preset_draws_the_preset_images_of_the_demo_data(tmp_path):
+    from utils.data.demo_data import generate_demo_dataset
+    voc = tmp_path / "voc"
+    load_tool("make_voc_example").main(Namespace(output=str(voc), num_train=3, num_val=1, image_size=None, seed=0,
+                                                 preset="sparse", video=None, fps=5))
+    convert("--format", "voc", "--input", voc, "--output", tmp_path / "coco", "--split", "train")
+    generate_demo_dataset(str(tmp_path / "demo"), num_train=3, num_val=1, preset="sparse", show_progress=False)
+    demo = load(tmp_path / "demo")
+    converted = load(tmp_path / "coco")
+    name_of = {c["id"]: c["name"] for c in converted["categories"]}
+    demo_name = {c["id"]: c["name"] for c in demo["categories"]}
+    assert [(i["width"], i["height"]) for i in converted["images"]] == [(i["width"], i["height"]) for i in demo["images"]]
+    boxes = sorted((a["image_id"], a["bbox"], name_of[a["category_id"]]) for a in converted["annotations"])
+    # the demo's visible-pixel boxes are whole pixels, so VOC's integer corners carry them exactly
+    assert boxes and boxes == sorted((a["image_id"], a["bbox"], demo_name[a["category_id"]]) for a in demo["annotations"])

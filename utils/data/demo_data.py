@@ -236,7 +236,7 @@ def render_image(rng: np.random.Generator, height: int, width: int,
     return pixels, label_map, objects
 
 
-def _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset=None) -> dict:
+def generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset=None) -> dict:
     """Everything that changes the output; stored in the marker and compared by ensure_demo_dataset.
 
     None takes the preset's value, else the demo's. Without a preset the marker is the demo's as before.
@@ -275,17 +275,26 @@ def _image_shape(rng: np.random.Generator, params: dict) -> tuple:
     return int(height * factors[0]), int(width * factors[1])
 
 
+def draw_indexed(params: dict, split: str, index: int):
+    """Image `index` of `split` as the dataset with these `generation_params` draws it.
+
+    Returns `render_image`'s `(pixels, label_map, objects)`; the same arguments
+    give the same bytes in any process (tools/make_voc_example.py writes the
+    same images as VOC files).
+    """
+    # crc32, not hash(): Python salts str hashes per process, which would break determinism.
+    rng = np.random.default_rng([params["seed"], zlib.crc32(split.encode("utf-8")), index])
+    height, width = _image_shape(rng, params)
+    return render_image(rng, height, width, params["empty_fraction"], **params.get("render", {}))
+
+
 def _generate_split(root: str, split: str, params: dict, show_progress: bool) -> dict:
     """Write `ROOT/{split}/*.jpg` and return the split's COCO annotation dict."""
     os.makedirs(os.path.join(root, split), exist_ok=True)
-    # crc32, not hash(): Python salts str hashes per process, which would break determinism.
-    split_key = zlib.crc32(split.encode("utf-8"))
-    render = params.get("render", {})
     images, annotations = [], []
     for index in tqdm(range(params["num_images"][split]), desc=f"demo data [{split}]", disable=not show_progress):
-        rng = np.random.default_rng([params["seed"], split_key, index])
-        height, width = _image_shape(rng, params)
-        pixels, _, objects = render_image(rng, height, width, params["empty_fraction"], **render)
+        pixels, _, objects = draw_indexed(params, split, index)
+        height, width = pixels.shape[:2]
         file_name = f"{index:06d}.jpg"
         Image.fromarray(pixels).save(os.path.join(root, split, file_name), quality=90)
         image_id = index + 1
@@ -311,7 +320,7 @@ def generate_demo_dataset(root: str, num_train: int = None, num_val: int = None,
     `annotation_files`, `image_dirs`, `num_images`, `num_annotations`,
     `params` and `seconds`.
     """
-    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset)
+    params = generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset)
     marker = os.path.join(root, MARKER_NAME)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     if os.path.exists(marker):
@@ -337,7 +346,7 @@ def ensure_demo_dataset(root: str, num_train: int = None, num_val: int = None, i
                         seed: int = 0, splits=("train", "val"), show_progress: bool = True,
                         empty_fraction: float = None, preset: str = None) -> str:
     """Return `root`, generating the dataset first unless a complete copy with the same parameters exists."""
-    params = _generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset)
+    params = generation_params(num_train, num_val, image_size, seed, splits, empty_fraction, preset)
     try:
         with open(os.path.join(root, MARKER_NAME)) as f:
             if json.load(f) == params:
