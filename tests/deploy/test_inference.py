@@ -264,6 +264,18 @@ def test_draw_detections_small_and_large(monkeypatch, with_font):
         assert not changed[:, :x1].any()  # nothing drawn outside the box
 
 
+def test_small_boxes_on_a_large_image_get_labels_about_a_box_high():
+    assert visualize.drawing_sizes(3000, 3000, box_side=24) == (2, 24)
+    assert visualize.drawing_sizes(3000, 3000, box_side=4) == (1, 10)  # still readable
+    assert visualize.drawing_sizes(3000, 3000, box_side=2000) == visualize.drawing_sizes(3000, 3000)
+    image = torch.full((3, 3000, 3000), 128, dtype=torch.uint8)
+    boxes = torch.tensor([[100, 100, 124, 124], [300, 300, 320, 328]], dtype=torch.float32)
+    drawn = visualize.draw_detections(image, boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.8]), ["a", "b", "c"])
+    changed = (drawn != image).any(0)
+    # a 75 px label (the image's own size) would reach 60 px above the first box; a box-high one stays near it
+    assert changed[:1000, :1000].sum() < 60 * 200 and not changed[:60, :].any()
+
+
 def test_class_colors_distinct_and_empty_draw():
     colors = [visualize.class_color(k) for k in range(10)]
     assert len(set(colors)) == 10 and colors == [visualize.class_color(k) for k in range(10)]

@@ -47,17 +47,23 @@ def text_color(background) -> tuple:
     return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else (255, 255, 255)
 
 
-def drawing_sizes(height: int, width: int) -> tuple:
+def drawing_sizes(height: int, width: int, box_side: float = None) -> tuple:
     """``(line_width, font_size)`` in pixels for an image of this size.
 
     Both grow with ``sqrt(H * W)`` (the image's typical side), so they keep the same
     proportion of the picture: 64 px -> (1, 8), 640 px -> (2, 16), 3000 px -> (9, 75).
     The typical side, rather than the longer one, keeps labels on a 4000 x 100 strip small.
+    ``box_side`` (the boxes' typical side in px, e.g. the median ``sqrt(area)``) caps both
+    for small objects in a large image: a 75 px label over a 20 px box hides its neighbours,
+    so labels stay about a box high (at least 10 px, to be readable) and lines a tenth of it.
     """
     side = math.sqrt(max(height, 1) * max(width, 1))
     line_width = max(1, round(side / 320))
-    font_size = max(8, round(side / 40))
-    return line_width, min(font_size, max(8, min(height, width) // 2))
+    font_size = min(max(8, round(side / 40)), max(8, min(height, width) // 2))
+    if box_side is not None:
+        line_width = min(line_width, max(1, round(box_side / 10)))
+        font_size = min(font_size, max(10, round(box_side)))
+    return line_width, font_size
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,7 +109,8 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tens
     if boxes.numel() == 0:
         return image.clone()
     height, width = image.shape[-2:]
-    line_width, font_size = drawing_sizes(height, width)
+    box_side = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1).sqrt().median()
+    line_width, font_size = drawing_sizes(height, width, float(box_side))
     if scores is None:
         texts = [str(class_names[int(label)]) for label in labels]
     else:
