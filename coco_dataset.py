@@ -150,13 +150,14 @@ class CocoDetection(torch.utils.data.Dataset):
 
 def build_dataset(data_path, split: str, train: bool = False, hflip_prob: float = 0.5,
                   filter_empty: bool = False, *, vflip_prob: float = 0.0, rot90_prob: float = 0.0,
-                  colour_jitter: float = 0.0, crop: CropSettings = None):
+                  colour_jitter: float = 0.0, crop: CropSettings = None, crop_cache_bytes: int = 0):
     """``CocoDetection`` for ``data_path/annotations/instances_{split}.json`` + ``data_path/{split}``.
 
     Training adds a horizontal flip (``hflip_prob``), and a vertical flip, 90-degree rotations and
     colour jitter when asked (``utils.data.transforms.build_train_transforms``), and honours
     ``filter_empty``; with ``crop`` (``utils.data.crops.CropSettings``) it serves random windows
-    of the images (a ``CropDataset``, the augmentations applied to each window). Evaluation never
+    of the images (a ``CropDataset``, the augmentations applied to each window, up to
+    ``crop_cache_bytes`` of decoded images kept between windows per process). Evaluation never
     filters, crops or augments, since every whole image counts for AP.
     """
     root = Path(data_path)
@@ -164,5 +165,6 @@ def build_dataset(data_path, split: str, train: bool = False, hflip_prob: float 
                                         colour_jitter=colour_jitter) if train else None
     image_dir, ann_file = root / split, root / "annotations" / f"instances_{split}.json"
     if train and crop is not None:
-        return CropDataset(CocoDetection(image_dir, ann_file, filter_empty=filter_empty), crop, transforms=transforms)
+        return CropDataset(CocoDetection(image_dir, ann_file, filter_empty=filter_empty), crop, transforms=transforms,
+                           cache_bytes=crop_cache_bytes)
     return CocoDetection(image_dir, ann_file, transforms=transforms, filter_empty=train and filter_empty)

@@ -92,6 +92,7 @@ class TrainConfig:
     min_visible: float = 0.5
     crop_object_prob: float = 0.5
     scale_jitter: Optional[tuple] = None
+    crop_cache_mb: int = 512  # decoded images kept per data-loading process (utils/data/image_cache.py)
     workers: int = 0
     max_bad_images: Optional[float] = None
     demo_scale: float = 1.0  # < 1: the built-in demo shrunk (demo_dataset), e.g. for a quick check that all runs
@@ -248,7 +249,7 @@ def _shrunk_demo(recipe_name: str, given: dict) -> dict:
     return {key: value for key, value in shrunk.items() if key not in given}
 
 
-CROP_ONLY_OPTIONS = ("min_visible", "crop_object_prob", "scale_jitter")
+CROP_ONLY_OPTIONS = ("min_visible", "crop_object_prob", "scale_jitter", "crop_cache_mb")
 
 
 def _crop_input_size(values: dict, given: dict) -> dict:
@@ -287,7 +288,7 @@ def _check_ranges(values: dict) -> None:
               ("vflip_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("rot90_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
               ("colour_jitter", lambda v: 0 <= v < 1, "in [0, 1)"), ("crop_size", lambda v: v >= 0, ">= 0"),
               ("crop_scale", lambda v: v > 0, "> 0"), ("min_visible", lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("crop_object_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+              ("crop_object_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("crop_cache_mb", lambda v: v >= 0, ">= 0"),
               ("warmup_iters", lambda v: v >= 0, ">= 0"), ("max_non_finite", lambda v: v >= 1, ">= 1"),
               ("print_freq", lambda v: v >= 1, ">= 1"), ("keep_checkpoints", lambda v: v >= 1, ">= 1")]
     for key, ok, expected in checks:
@@ -364,6 +365,9 @@ def _add_data_options(group) -> None:
         "(else anywhere in the image)"))
     group.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="with --crop-size: "
                        "multiply each window's scale by a factor drawn log-uniformly from [LO, HI] (default: none)")
+    group.add_argument("--crop-cache-mb", type=int, metavar="MB", help=option_help(
+        "crop_cache_mb", "with --crop-size: MiB of decoded images kept between the windows cut from them, per "
+        "data-loading process (each of --workers, each rank); 0 = decode the image again for every window"))
     group.add_argument("--workers", type=int, help=option_help("workers", "data loading processes per GPU"))
     group.add_argument("--max-bad-images", type=float, help="stop when more unreadable images than this were "
                        "skipped: a fraction of the dataset if < 1, else a count (default: 0.1 %%, at least 10)")

@@ -126,7 +126,8 @@ def build_train_set(config):
     train_set = coco_dataset.build_dataset(config.data_path, config.train_split, train=True,
                                            hflip_prob=config.hflip_prob, filter_empty=config.filter_empty,
                                            vflip_prob=config.vflip_prob, rot90_prob=config.rot90_prob,
-                                           colour_jitter=config.colour_jitter, crop=crop)
+                                           colour_jitter=config.colour_jitter, crop=crop,
+                                           crop_cache_bytes=config.crop_cache_mb * 2**20)
     if crop is not None:
         logger.info("crop training: %d windows of %d x %d px an epoch from %d images at scale %g", len(train_set),
                     crop.size, crop.size, train_set.num_images, crop.scale)

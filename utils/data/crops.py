@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from utils.data.image_cache import DecodedImageCache
+
 MIN_CROP_SIZE = 32  # one cell of P5 (stride 32): a smaller window has no feature map past P4
 # A batch of eight 4096 px windows already needs tens of GB of activations; past that, crop
 # training saves nothing over whole images.
@@ -131,7 +133,8 @@ def crop_window(image: torch.Tensor, target: dict, *, left: int, top: int, regio
     crowd_boxes = torch.cat([clipped[ignored], crowd_clipped[crowd_kept | crowd_partial]])
     target = {**target, "boxes": clipped[kept] * factors, "labels": target["labels"][kept],
               "crowd_boxes": crowd_boxes * factors, "window": bounds, "orig_size": (out_h, out_w)}
-    return cut.contiguous(), target
+    # A copy even when nothing was resized: the image may be a cached decode other windows still read.
+    return cut.clone(memory_format=torch.contiguous_format), target
 
 
 def pad_window(image: torch.Tensor, size: int, fill: tuple) -> torch.Tensor:
@@ -155,6 +158,8 @@ class CropDataset(Dataset):
         settings: :class:`CropSettings`.
         transforms: ``(image, target) -> (image, target)`` applied to each window before it is
             padded (flips, rotations, colour: the padding stays bottom/right and mean-coloured).
+        cache_bytes: decoded images kept between windows (``DecodedImageCache``), per process;
+            0 decodes the image again for every window.
 
     Epochs are counted in windows: image ``i`` owns ``windows_per_image(H_i, W_i, size, scale)``
     consecutive indices, and index ``(i, k)`` is a fresh random window of image ``i`` (``k``
@@ -166,8 +171,9 @@ class CropDataset(Dataset):
     :func:`crop_window` (boxes in window pixels).
     """
 
-    def __init__(self, dataset, settings: CropSettings, transforms=None):
+    def __init__(self, dataset, settings: CropSettings, transforms=None, cache_bytes: int = 0):
         self.dataset, self.settings, self.transforms = dataset, settings, transforms
+        self.cache = DecodedImageCache(cache_bytes)
         self.image_sizes = np.asarray(dataset.box_arrays()["image_sizes"], dtype=np.float64)  # [I, 2] (H, W)
         counts = [windows_per_image(h, w, settings.size, settings.scale) for h, w in self.image_sizes]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # image i: [starts[i], starts[i+1])
@@ -184,7 +190,7 @@ class CropDataset(Dataset):
 
     def __getitem__(self, index: int):
         image_index, _ = self.locate(index)
-        image, target = self.dataset[image_index]
+        image, target = self.cache.get(image_index, lambda: self.dataset[image_index])
         settings = self.settings
         region = max(1, round(settings.size / (settings.scale * self._jitter())))
         left, top = self.place_window(target["boxes"], image.shape[-2], image.shape[-1], region)
