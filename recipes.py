@@ -469,7 +469,8 @@ def _add_runtime_options(group) -> None:
     group.add_argument("--eval-only", action="store_true", default=None,
                        help="evaluate the resumed weights and exit")
     group.add_argument("--checkpoint-every", type=int,
-                       help=option_help("checkpoint_every", "also checkpoint every N iterations (0 = per epoch)"))
+                       help=option_help("checkpoint_every", "also checkpoint every N iterations (0 = only per "
+                                        "epoch); epochs shorter than N then skip their own"))
     group.add_argument("--keep-checkpoints", type=int,
                        help=option_help("keep_checkpoints", "training checkpoints kept on disk"))
     group.add_argument("--max-iters", type=int,

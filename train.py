@@ -95,7 +95,8 @@ def main(config):
             writer.close()
             dist_utils.cleanup()
             return
-        save(state)
+        if epoch_end_checkpoint(config.checkpoint_every, iters_per_epoch, state.iteration, state.epoch == num_epochs):
+            save(state)
         if state.epoch == num_epochs or (config.eval_interval and state.epoch % config.eval_interval == 0):
             run_evaluation(state)
     logger.info("training time %.1f min", (time.time() - start_time) / 60)
@@ -105,6 +106,14 @@ def main(config):
         _write_curves(config.output_dir)
     writer.close()
     dist_utils.cleanup()
+
+
+def epoch_end_checkpoint(checkpoint_every: int, iters_per_epoch: int, iteration: int, last_epoch: bool) -> bool:
+    """Whether an epoch that just ended writes a checkpoint. Every epoch does, except that with
+    ``--checkpoint-every N`` epochs shorter than N (a handful of images under ``--iters``) leave it to
+    the every-N one: a step of a 3-image set is cheaper than writing its 100 MB checkpoint."""
+    return (last_epoch or not checkpoint_every or iters_per_epoch >= checkpoint_every
+            or iteration % checkpoint_every == 0)
 
 
 def generate_demo_data(config) -> None:
