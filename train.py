@@ -19,7 +19,8 @@ from model import RetinaNet
 from model.anchor_coverage import coverage_summary
 from model.crop_advice import crop_advice
 from model.weights import ArchitectureConflict, configure_from_weights, load_pretrained_for_finetuning, read_weights
-from recipes import get_args_parser, resolve_config
+from recipes import resolve_config
+from train_options import get_args_parser
 from utils.data.crops import CropSettings, mean_fill
 from utils.data.demo_data import ensure_demo_dataset
 from utils.data.loaders import build_eval_loader, build_train_loader

@@ -52,7 +52,8 @@ from ablation_report import COLUMNS, write_report  # noqa: E402
 from ablation_runs import read_record, run_cell  # noqa: E402
 from ablation_stats import seeded_cell  # noqa: E402
 from anchor_balance import dataset_anchor_balance, format_balance  # noqa: E402
-from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
+from recipes import resolve_config  # noqa: E402
+from train_options import get_args_parser as train_args_parser  # noqa: E402
 from utils.data.demo_data import PRESETS, ensure_demo_dataset, preset_root  # noqa: E402
 from utils.runtime.errors import ConfigError, UserError, exit_on_user_error  # noqa: E402
 from utils.runtime.logger import setup_logging  # noqa: E402

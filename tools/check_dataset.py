@@ -39,7 +39,8 @@ from model.anchors import default_anchor_sizes  # noqa: E402
 from model.crop_advice import (AFFORDABLE_SIDE, affordable_whole_image_coverage, suggest_crops,  # noqa: E402
                                window_size)
 from model.weights import configure_from_weights, read_weights  # noqa: E402
-from recipes import get_args_parser as train_args_parser, resolve_config  # noqa: E402
+from recipes import resolve_config  # noqa: E402
+from train_options import get_args_parser as train_args_parser  # noqa: E402
 from utils.runtime.atomic_io import write_json_atomic  # noqa: E402
 from utils.runtime.errors import exit_on_user_error  # noqa: E402
 from utils.runtime.logger import setup_logging  # noqa: E402

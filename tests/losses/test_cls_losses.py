@@ -10,7 +10,8 @@ from losses.retinanet_loss import RetinaNetLoss
 from model import RetinaNet, build_retinanet
 from model.anchors import default_anchor_sizes
 from model.config import ModelConfig
-from recipes import get_args_parser, resolve_config
+from recipes import resolve_config
+from train_options import get_args_parser
 from utils.boxes.matcher import IGNORE
 from utils.runtime.errors import ConfigError
 

@@ -7,7 +7,8 @@ import coco_dataset
 from model.anchor_coverage import BoxSet, measure_coverage
 from model.crop_advice import (AFFORDABLE_SIDE, MIN_WINDOW, crop_advice, step_memory_gib, suggest_crops,
                                tiny_share, window_size)
-from recipes import get_args_parser, resolve_config
+from recipes import resolve_config
+from train_options import get_args_parser
 from utils.data.demo_data import generate_demo_dataset
 
 

@@ -239,8 +239,8 @@ def script_imports() -> list:
 
 def test_no_file_imports_an_entry_script_or_a_tool():
     """What two scripts share lives in the library: the training loop and evaluation in engine.py,
-    the training options in recipes.py; a script that imports another runs its imports and couples
-    their command lines."""
+    the training options in train_options.py and recipes.py; a script that imports another runs its imports
+    and couples their command lines."""
     found = script_imports()
     assert not found, "\n".join(found)
 

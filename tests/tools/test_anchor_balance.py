@@ -9,7 +9,8 @@ import torch
 import coco_dataset
 from model.config import ModelConfig
 from model.retinanet import RetinaNet
-from recipes import get_args_parser as train_args_parser, resolve_config
+from recipes import resolve_config
+from train_options import get_args_parser as train_args_parser
 from utils.boxes.matcher import BACKGROUND, IGNORE
 from utils.data.demo_data import PRESETS, generate_demo_dataset
 

@@ -7,9 +7,10 @@ import torch
 
 import train
 from model import build_retinanet
-from recipes import get_args_parser, resolve_config
+from recipes import resolve_config
 from test_train import (FakeTrainSet, final_weights, resume_and_check_position, run, run_killed_after_writing,
                         train_command)
+from train_options import get_args_parser
 from utils.data.demo_data import generate_demo_dataset
 from utils.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from recipes import DEMO_DATASET, RECIPES, TrainConfig, get_args_parser, resolve_config
+from recipes import DEMO_DATASET, RECIPES, TrainConfig, resolve_config
+from train_options import get_args_parser
 from utils.runtime.errors import ConfigError
 
 

@@ -155,7 +155,8 @@ def giou_checkpoint(tmp_path_factory):
 
 def build_from_command_line(*argv):
     import train
-    from recipes import get_args_parser, resolve_config
+    from recipes import resolve_config
+    from train_options import get_args_parser
     return train.build_model(resolve_config(get_args_parser().parse_args(list(argv))), FakeTrainSet())
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from recipes import get_args_parser, resolve_config
+from recipes import resolve_config
+from train_options import get_args_parser
 from utils.data.demo_data import generate_demo_dataset
 from utils.runtime.checkpoint import load_checkpoint
 from utils.runtime.errors import ConfigError
