@@ -6,7 +6,7 @@ decode for a 256 x 256 window, more than a GPU step on it. :class:`DecodedImageC
 most recently used decoded images up to a byte budget, one cache per data-loading process (a
 DataLoader worker holds its own copy of the dataset, so the budget counts per worker and per
 rank). Decoding is deterministic, so a cached image is the same pixels a fresh decode gives and
-a run with the cache trains exactly like one without (tests/data/test_crops.py).
+a run with the cache trains exactly like one without (tests/data/test_image_cache.py).
 """
 from collections import OrderedDict
 from typing import Callable
