@@ -1,5 +1,6 @@
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -24,3 +25,39 @@ def _seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+# Module-scoped fixtures (trained checkpoints, datasets) write through tmp_path_factory, which
+# pytest keeps to the end of the session: about 2 GB over the whole suite. Once a module has
+# finished with no failure, the folders created while it ran are removed; a failing module keeps
+# them for inspection.
+_module_state = {"name": None, "before": set(), "failed": False}
+
+
+def _basetemp_entries(config):
+    return set(os.listdir(config._tmp_path_factory.getbasetemp()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        _module_state["failed"] = True
+
+
+@pytest.hookimpl(tryfirst=True)  # before the module's fixtures are set up
+def pytest_runtest_setup(item):
+    if item.module.__name__ != _module_state["name"]:
+        _module_state.update(name=item.module.__name__, before=_basetemp_entries(item.config), failed=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # module fixtures are finalised inside this teardown when the module ends
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    if not _module_state["failed"]:
+        base = item.config._tmp_path_factory.getbasetemp()
+        for name in _basetemp_entries(item.config) - _module_state["before"]:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    _module_state["name"] = None
