@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from utils.data.demo_data import render_image
+from utils.data.demo_shapes import render_image
 
 SCORE_TOLERANCE = 1e-4
 BOX_TOLERANCE = 1e-2  # pixels

@@ -260,7 +260,7 @@ def test_make_voc_example_round_trips_the_demo_boxes_through_the_converter(tmp_p
 
     import av
 
-    from utils.data.demo_data import DEMO_CATEGORIES, render_image
+    from utils.data.demo_shapes import DEMO_CATEGORIES, render_image
     voc, clip = tmp_path / "voc", tmp_path / "clip.mp4"
     load_tool("make_voc_example").main(Namespace(output=str(voc), num_train=4, num_val=2, image_size=64, seed=5,
                                                  preset=None, video=str(clip), fps=5))

@@ -1,4 +1,4 @@
-"""Tests for utils/data/demo_data.py: COCO validity, box tightness, determinism, caching."""
+"""Tests for utils/data/demo_data.py and demo_shapes.py: COCO validity, box tightness, determinism, caching."""
 import json
 import os
 import zlib
@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from utils.data import demo_data
-from utils.data.demo_data import (DEMO_CATEGORIES, MARKER_NAME, ensure_demo_dataset,
-                             generate_demo_dataset, render_image, shape_mask)
+from utils.data import demo_data, demo_shapes
+from utils.data.demo_data import DEMO_CATEGORIES, MARKER_NAME, ensure_demo_dataset, generate_demo_dataset
+from utils.data.demo_shapes import render_image, shape_mask
 
 SMALL = dict(num_train=20, num_val=6, image_size=96, show_progress=False)
 
@@ -65,7 +65,7 @@ def test_object_sizes_span_small_to_large(dataset):
     assert min(longest_sides) <= 20  # COCO "small" territory
     assert max(longest_sides) >= 60  # most of a 96 px image
     per_image = np.bincount([a["image_id"] for a in _load(dataset)["annotations"]])
-    assert per_image.max() <= demo_data.MAX_OBJECTS
+    assert per_image.max() <= demo_shapes.MAX_OBJECTS
 
 
 @pytest.mark.parametrize("empty_fraction", [0.0, 0.5, 1.0])
