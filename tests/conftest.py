@@ -9,7 +9,7 @@ import torch
 from hypothesis import settings
 
 # Tests import the repository's top-level modules (train, coco_dataset, ...) directly, and the
-# helpers beside this file (forked_scripts, onnx_models, gloo_ranks) from any test folder.
+# helpers beside this file (forked_scripts, onnx_models, gloo_ranks, coco_files, ...) from any test folder.
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)
 sys.path.insert(0, os.path.dirname(TESTS_DIR))

@@ -4,7 +4,6 @@ The references never run COCOeval: APs computed by hand for cases small enough t
 101-point interpolation, and an independent few-line implementation of COCO's AP (checked
 against those hand values) for a case with many IoUs.
 """
-import argparse
 import copy
 import json
 import logging
@@ -23,7 +22,7 @@ from gloo_ranks import run_on_ranks
 from utils.data.loaders import build_eval_loader, collate_eval
 from utils.evaluation.coco_eval import METRIC_NAMES, format_metrics_table, predictions_to_coco_results, score_coco_results
 from utils.runtime.atomic_io import write_json_atomic
-from colour_detector import detect_colours
+from coco_files import write_coco_split
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,26 +38,6 @@ GT_BOXES = [  # (image_id, category_id, [x, y, w, h])
     (2, 7, [100.0, 10.0, 20.0, 25.0]),
     (2, 12, [60.0, 40.0, 30.0, 30.0]),
 ]
-
-
-def write_coco_split(root: Path, split: str, images, boxes, categories, image_files: bool = False) -> COCO:
-    """Write ``root/annotations/instances_<split>.json`` (and JPEGs with ``image_files``); return its COCO."""
-    dataset = {
-        "images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h} for i, w, h in images],
-        "annotations": [{"id": k, "image_id": image_id, "category_id": cat_id, "bbox": bbox,
-                         "area": bbox[2] * bbox[3], "iscrowd": 0}
-                        for k, (image_id, cat_id, bbox) in enumerate(boxes, start=1)],
-        "categories": categories,
-    }
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    ann_file = root / "annotations" / f"instances_{split}.json"
-    ann_file.write_text(json.dumps(dataset))
-    if image_files:
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for image_id, width, height in images:
-            Image.new("RGB", (width, height), (120, 80, 40)).save(root / split / f"{image_id:012d}.jpg")
-    coco = COCO(str(ann_file))
-    return coco
 
 
 def as_results(boxes, score=1.0):
@@ -376,57 +355,3 @@ def test_plot_without_matplotlib_only_warns(coco_root, tmp_path, monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         assert plot_pr_curves(coco_eval, tmp_path) == []
     assert "pip install matplotlib" in caplog.text
-
-
-# Sliced evaluation: small objects on seams of a crop-trained model's windows (128 px: windows at x 0
-# and 72, y 0 and 22 on a 200 x 150 image), painted in their category's colour.
-TILE_BOXES = [(1, 3, [60.0, 20.0, 30.0, 30.0]), (1, 7, [110.0, 100.0, 40.0, 30.0]),
-              (1, 12, [150.0, 60.0, 25.0, 25.0]), (2, 3, [10.0, 10.0, 20.0, 20.0])]
-TILE_COLOURS = {3: (255, 0, 0), 7: (0, 255, 0), 12: (0, 0, 255)}
-
-
-class CropTrainedColourModel(torch.nn.Module):
-    """Stands in for a model trained on 128 px crops: finds each category's colour in its input (the box
-    of what is visible, clipped by the window) and records the sizes it was given."""
-
-    config = {"crop_size": 128, "crop_scale": 1.0}
-
-    def __init__(self):
-        super().__init__()
-        self.input_sizes = []
-
-    def forward(self, images):
-        self.input_sizes += [tuple(image.shape[1:]) for image in images]
-        return [detect_colours(image, list(TILE_COLOURS.values())) for image in images]
-
-
-def test_evaluate_tiles_a_crop_trained_model_by_default(tmp_path):
-    from model.tiling import TileOptions
-
-    coco_gt = write_coco_split(tmp_path / "coco", "val", IMAGES[:2], TILE_BOXES, CATEGORIES)
-    images = []
-    for image_id in (1, 2):
-        pixels = torch.full((3, 150, 200), 128, dtype=torch.uint8)
-        for _, category_id, (x, y, w, h) in (box for box in TILE_BOXES if box[0] == image_id):
-            pixels[:, int(y):int(y + h), int(x):int(x + w)] = torch.tensor(TILE_COLOURS[category_id]).view(3, 1, 1)
-        images.append(pixels)
-    batches = [(images, [{"image_id": 1}, {"image_id": 2}])]
-    model = CropTrainedColourModel()
-    metrics = evaluate(model, batches, coco_gt, [3, 7, 12], "cpu", show_progress=False)  # as train.py calls it
-    assert set(model.input_sizes) == {(128, 128)} and len(model.input_sizes) == 8  # 2 x 2 windows per image
-    assert metrics["AP"] == pytest.approx(1.0)  # every object once, with its full box
-    model.input_sizes.clear()
-    evaluate(model, batches, coco_gt, [3, 7, 12], "cpu", show_progress=False, tiling=TileOptions(tile=0))
-    assert model.input_sizes == [(150, 200), (150, 200)]
-
-
-@pytest.mark.slow  # a forked process: seconds
-def test_evaluation_cli_tile_mistakes_are_one_line(tmp_path):
-    from forked_scripts import run_forked
-
-    cases = [(["--checkpoint", tmp_path / "none.pth", "--tile-overlap", "1.5"], "--tile-overlap must lie in [0, 1)"),
-             (["--results", tmp_path / "r.json", "--tile", "64"], "--tile flags choose how a model runs")]
-    for (argv, message), run in zip(cases, run_forked("evaluation.py", [argv for argv, _ in cases])):
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
-        assert lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
