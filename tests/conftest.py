@@ -30,34 +30,13 @@ def _seed_everything():
 # Module-scoped fixtures (trained checkpoints, datasets) write through tmp_path_factory, which
 # pytest keeps to the end of the session: about 2 GB over the whole suite. Once a module has
 # finished with no failure, the folders created while it ran are removed; a failing module keeps
-# them for inspection.
-_module_state = {"name": None, "before": set(), "failed": False}
-
-
-def _basetemp_entries(config):
-    return set(os.listdir(config._tmp_path_factory.getbasetemp()))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    if outcome.get_result().failed:
-        _module_state["failed"] = True
-
-
-@pytest.hookimpl(tryfirst=True)  # before the module's fixtures are set up
-def pytest_runtest_setup(item):
-    if item.module.__name__ != _module_state["name"]:
-        _module_state.update(name=item.module.__name__, before=_basetemp_entries(item.config), failed=False)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    yield  # module fixtures are finalised inside this teardown when the module ends
-    if nextitem is not None and nextitem.module is item.module:
-        return
-    if not _module_state["failed"]:
-        base = item.config._tmp_path_factory.getbasetemp()
-        for name in _basetemp_entries(item.config) - _module_state["before"]:
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-    _module_state["name"] = None
+# them for inspection. Autouse, so it is set up before the module's other fixtures and torn down
+# after them.
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_folders_when_passed(request, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before, failed_before = set(os.listdir(base)), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed_before:
+        for name in set(os.listdir(base)) - before:
+            shutil.rmtree(base / name, ignore_errors=True)

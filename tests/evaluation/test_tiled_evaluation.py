@@ -1,4 +1,4 @@
-"""evaluation over tiles: engine.evaluate tiles a crop-trained model by default, and evaluation.py's
+"""Evaluation over tiles: engine.evaluate tiles a crop-trained model by default, and evaluation.py's
 tile mistakes are one line (CPU, seconds)."""
 import pytest
 import torch
