@@ -1,6 +1,7 @@
 """Tests for utils/data/demo_data.py and demo_shapes.py: COCO validity, box tightness, determinism, caching."""
 import json
 import os
+import re
 import zlib
 
 import numpy as np
@@ -11,6 +12,7 @@ from pycocotools.coco import COCO
 from utils.data import demo_data, demo_shapes
 from utils.data.demo_data import DEMO_CATEGORIES, MARKER_NAME, ensure_demo_dataset, generate_demo_dataset
 from utils.data.demo_shapes import render_image, shape_mask
+from utils.runtime.errors import UserError
 
 SMALL = dict(num_train=20, num_val=6, image_size=96, show_progress=False)
 
@@ -193,6 +195,17 @@ def test_cli_main_writes_dataset(tmp_path):
     demo_data.main(args)
     with open(os.path.join(str(tmp_path), MARKER_NAME)) as f:
         assert json.load(f)["image_size"] == [48, 64]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "5"], "image_size 5 too small"),
+    (["--empty-fraction", "2"], "empty_fraction must be in [0, 1]"),
+    (["--root", os.devnull + "/demo"], "cannot write the dataset there"),  # a file where a folder must go
+])
+def test_cli_mistakes_are_user_errors_with_one_line(tmp_path, argv, message):
+    argv = ["--root", str(tmp_path / "demo"), "--num-train", "1", "--num-val", "1", "--quiet"] + argv
+    with pytest.raises(UserError, match=re.escape(message)):
+        demo_data.main(demo_data.get_args_parser().parse_args(argv))
 
 
 def test_the_default_demo_images_are_those_of_before_the_presets():

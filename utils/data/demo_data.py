@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from utils.data.demo_shapes import DEMO_CATEGORIES, MIN_OBJECT_SIZE, render_image
 from utils.runtime.atomic_io import write_json_atomic
+from utils.runtime.errors import ConfigError, UserError, exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -213,13 +214,21 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("--image-size takes one value (square) or two (HEIGHT WIDTH)")
     image_size = args.image_size and (args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size))
     root = args.root or preset_root(args.preset)
+    try:  # the same checks the generator makes, reported as the flags' mistake
+        generation_params(args.num_train, args.num_val, image_size, args.seed, args.splits, args.empty_fraction,
+                          args.preset)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     build = generate_demo_dataset if args.force else ensure_demo_dataset
-    build(root, num_train=args.num_train, num_val=args.num_val, image_size=image_size, seed=args.seed,
-          splits=tuple(args.splits), show_progress=not args.quiet, empty_fraction=args.empty_fraction,
-          preset=args.preset)
+    try:
+        build(root, num_train=args.num_train, num_val=args.num_val, image_size=image_size, seed=args.seed,
+              splits=tuple(args.splits), show_progress=not args.quiet, empty_fraction=args.empty_fraction,
+              preset=args.preset)
+    except OSError as error:  # an unwritable --root, a full disk
+        raise UserError(f"--root {root}: cannot write the dataset there: {error.strerror or error}") from error
     print(f"demo dataset ready at {root}")
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(get_args_parser().parse_args())
+    exit_on_user_error(main, get_args_parser().parse_args())
